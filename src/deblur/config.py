@@ -1,0 +1,296 @@
+"""Typed configuration: ``params.yaml`` validated into frozen pydantic models.
+
+Every value has exactly one home, ``params.yaml``; the classes here carry no defaults for
+pipeline parameters, so a missing key is an error rather than a silent second default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BLUR_TYPES = ("motion", "gaussian", "defocus", "lens")
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrackingConfig(_Strict):
+    experiment: str
+
+
+class GoproConfig(_Strict):
+    root: str
+    blur_dir: Literal["blur", "blur_gamma"]
+    val_sequences: int = Field(ge=0)
+
+
+class FolderConfig(_Strict):
+    root: str
+    val_fraction: float = Field(ge=0, lt=1)
+    test_fraction: float = Field(ge=0, lt=1)
+    max_side: int = Field(ge=16)
+
+
+class EmbeddedConfig(_Strict):
+    dead_leaves_count: int = Field(ge=0)
+    dead_leaves_size: int = Field(ge=32)
+    soft_fraction: float = Field(ge=0, le=1)
+    photo_max_side: int = Field(ge=32)
+    val_fraction: float = Field(ge=0, lt=1)
+    test_photos: tuple[str, ...]
+
+
+class IngestConfig(_Strict):
+    source: Literal["embedded", "folder", "gopro"]
+    skip_bad_files: bool
+    gopro: GoproConfig
+    folder: FolderConfig
+    embedded: EmbeddedConfig
+
+
+class MotionConfig(_Strict):
+    max_kernel_size: int = Field(ge=3)
+    min_kernel_size: int = Field(ge=3)
+    trajectory_length: float = Field(gt=0)
+    anxiety: float = Field(ge=0)
+
+
+class RangeSigma(_Strict):
+    sigma_min: float = Field(gt=0)
+    sigma_max: float = Field(gt=0)
+
+
+class DefocusConfig(_Strict):
+    radius_min: float = Field(gt=0)
+    radius_max: float = Field(gt=0)
+
+
+class LensConfig(DefocusConfig):
+    edge_softness: float = Field(ge=0, le=1)
+    chromatic_shift: float = Field(ge=0)
+
+
+class SynthesizeConfig(_Strict):
+    pairs_per_image: int = Field(ge=1)
+    blur_mix: dict[str, float]
+    motion: MotionConfig
+    gaussian: RangeSigma
+    defocus: DefocusConfig
+    lens: LensConfig
+    gamma: float = Field(gt=0)
+    noise_sigma_max: float = Field(ge=0)
+    quantize: bool
+
+    @field_validator("blur_mix")
+    @classmethod
+    def _known_blur_types(cls, mix: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(mix) - set(BLUR_TYPES))
+        if unknown:
+            raise ValueError(f"unknown blur type(s) {unknown}; known: {list(BLUR_TYPES)}")
+        if any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+            raise ValueError("proportions must be >= 0 and sum to more than 0")
+        return mix
+
+
+class UNetConfig(_Strict):
+    base_channels: int = Field(ge=8)
+    levels: int = Field(ge=1, le=6)
+    bottleneck_channels: int = Field(ge=8)
+    groups: int = Field(ge=1)
+
+
+class NAFNetConfig(_Strict):
+    width: int = Field(ge=4)
+    enc_blocks: tuple[int, ...]
+    middle_blocks: int = Field(ge=0)
+    dec_blocks: tuple[int, ...]
+    tlc: bool
+    tlc_factor: float = Field(ge=1.0)
+
+    @model_validator(mode="after")
+    def _symmetric(self) -> "NAFNetConfig":
+        if len(self.enc_blocks) != len(self.dec_blocks):
+            raise ValueError("enc_blocks and dec_blocks must have the same length")
+        return self
+
+
+class StackedConvConfig(_Strict):
+    channels: int = Field(ge=4)
+    depth: int = Field(ge=2)
+
+
+class ModelConfig(_Strict):
+    name: Literal["unet", "nafnet", "stacked_conv"]
+    unet: UNetConfig
+    nafnet: NAFNetConfig
+    stacked_conv: StackedConvConfig
+
+    def arch_kwargs(self) -> dict:
+        """Keyword arguments of the selected architecture."""
+        return getattr(self, self.name).model_dump()
+
+
+class LossConfig(_Strict):
+    charbonnier: float = Field(ge=0)
+    ms_ssim: float = Field(ge=0)
+    l1: float = Field(ge=0)
+    mse: float = Field(ge=0)
+    psnr: float = Field(ge=0)
+    fft: float = Field(ge=0)
+    edge: float = Field(ge=0)
+    charbonnier_eps: float = Field(gt=0)
+    ms_ssim_min_side: int = Field(ge=11)
+
+    def weights(self) -> dict[str, float]:
+        """Non-zero component weights by component name."""
+        names = ("charbonnier", "ms_ssim", "l1", "mse", "psnr", "fft", "edge")
+        return {n: getattr(self, n) for n in names if getattr(self, n) > 0}
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "LossConfig":
+        if not self.weights():
+            raise ValueError("at least one loss weight must be > 0")
+        return self
+
+
+class TrainConfig(_Strict):
+    source: Literal["pairs", "on_the_fly"]
+    patch_size: int = Field(ge=16)
+    batch_size: int = Field(ge=1)
+    max_steps: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    betas: tuple[float, float]
+    eta_min: float = Field(ge=0)
+    grad_clip: float = Field(gt=0)
+    val_every: int = Field(ge=1)
+    early_stop_patience: int = Field(ge=0)
+    on_nonfinite: Literal["stop", "skip"]
+    init_from: str | None
+    num_workers: int = Field(ge=0)
+    device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["bf16", "fp16", "fp32"]
+    channels_last: bool
+    compile: bool
+    log_every: int = Field(ge=1)
+    val_max_images: int = Field(ge=1)
+
+
+class TilingConfig(_Strict):
+    tile_size: int = Field(ge=16)
+    overlap: int = Field(ge=0)
+    batch_size: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> "TilingConfig":
+        if 2 * self.overlap >= self.tile_size:
+            raise ValueError(f"overlap {self.overlap} must be less than half of tile_size {self.tile_size}")
+        return self
+
+
+class EvaluateConfig(_Strict):
+    max_images: int = Field(ge=0)
+    sharp_in_images: int = Field(ge=0)
+    classical_baseline: Literal["richardson_lucy", "wiener", "none"]
+    rl_iterations: int = Field(ge=1)
+    triptychs: int = Field(ge=0)
+
+
+class RegisterConfig(_Strict):
+    model_name: str
+    margin_db: float = Field(ge=0)
+    min_gain_over_input_db: float
+    min_sharp_in_psnr: float
+
+
+class ServingConfig(_Strict):
+    max_body_mb: float = Field(gt=0)
+    max_pixels: int = Field(ge=1)
+    min_side: int = Field(ge=1)
+    max_side: int = Field(ge=1)
+    threads: int = Field(ge=1)
+    tile_size_range: tuple[int, int]
+    overlap_range: tuple[int, int]
+
+
+class Params(_Strict):
+    seed: int
+    tracking: TrackingConfig
+    ingest: IngestConfig
+    synthesize: SynthesizeConfig
+    model: ModelConfig
+    loss: LossConfig
+    train: TrainConfig
+    tiling: TilingConfig
+    evaluate: EvaluateConfig
+    registration: RegisterConfig = Field(alias="register")  # "register" would shadow BaseModel.register
+    serving: ServingConfig
+
+    def digest(self) -> str:
+        """Short stable hash of the whole resolved config."""
+        blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def flat(self) -> dict[str, str]:
+        """Dotted ``section.key -> value`` pairs, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+
+        walk("", self.model_dump(mode="json", by_alias=True))
+        return out
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read and validate ``path``; ``overrides`` maps dotted keys to values (tests, CLI)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: parameter file not found") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    return params_from_dict(raw, source=str(path))
+
+
+def set_dotted(raw: dict, dotted: str, value) -> None:
+    """Set ``a.b.c`` in a nested dict; the parent keys must exist."""
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        if not isinstance(node.get(key), dict):
+            raise ConfigError(f"override {dotted!r}: no section {key!r}")
+        node = node[key]
+    node[leaf] = value
+
+
+def params_from_dict(raw: dict, source: str = "<dict>") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            lines.append(f"  {key}: {msg}")
+        raise ConfigError(f"{source}: invalid parameters\n" + "\n".join(lines)) from None
