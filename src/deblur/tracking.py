@@ -1,0 +1,155 @@
+"""The one module that talks to MLflow.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` in the working
+directory (artifacts then go to ``./mlruns``). Every stage opens its run through
+``stage_run`` so runs carry the same tags: ``stage``, ``pipeline_id`` (shared by the runs of
+one ``dvc repro``), ``git_commit``, ``params_digest``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from deblur.config import Params
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _mlflow():
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def pipeline_id(params_path: str | Path = "params.yaml") -> str:
+    """Id shared by the stage runs of one pipeline version.
+
+    ``DEBLUR_PIPELINE_ID`` wins (``make demo`` sets one per invocation); otherwise the git
+    commit plus a hash of the params file, which every stage of one ``dvc repro`` shares.
+    """
+    if os.environ.get("DEBLUR_PIPELINE_ID"):
+        return os.environ["DEBLUR_PIPELINE_ID"]
+    try:
+        text = Path(params_path).read_bytes()
+    except OSError:
+        text = b""
+    return f"{git_commit()[:8]}-{hashlib.sha256(text).hexdigest()[:8]}"
+
+
+def files_digest(paths: list[Path] | Path) -> str:
+    """sha256 over the bytes of files (a folder: all files below it, in sorted order)."""
+    if isinstance(paths, Path):
+        paths = sorted(p for p in paths.rglob("*") if p.is_file()) if paths.is_dir() else [paths]
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Params, sections: tuple[str, ...] = (), tags: dict | None = None,
+              run_name: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
+    """Open an MLflow run for one pipeline stage; yields the run id.
+
+    ``sections``: which params.yaml sections to log as params (``seed`` always is).
+    """
+    mlflow = _mlflow()
+    mlflow.set_experiment(params.tracking.experiment)
+    flat = params.flat()
+    logged = {k: v for k, v in flat.items() if k == "seed" or k.split(".")[0] in sections}
+    all_tags = {
+        "stage": stage,
+        "pipeline_id": pipeline_id(),
+        "git_commit": git_commit(),
+        "params_digest": params.digest(),
+        **(tags or {}),
+    }
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_name=run_name or stage, tags=all_tags) as run:
+        # MLflow caps one log_params batch at 100 entries
+        items = list(logged.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i:i + 100]))
+        yield run.info.run_id
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+    _mlflow().log_metrics(clean, step=step)
+
+
+def set_tags(tags: dict) -> None:
+    _mlflow().set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_image(rgb: np.ndarray, artifact_file: str) -> None:
+    """Log a uint8 HxWx3 image as a PNG artifact."""
+    _mlflow().log_image(rgb, artifact_file=artifact_file)
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    _mlflow().log_figure(fig, artifact_file)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    path = Path(path)
+    if path.is_dir():
+        _mlflow().log_artifacts(str(path), artifact_path=artifact_path)
+    else:
+        _mlflow().log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_dict(obj: dict | list, artifact_file: str) -> None:
+    _mlflow().log_dict(obj, artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    _mlflow().log_text(text, artifact_file)
+
+
+def active_run_id() -> str | None:
+    run = _mlflow().active_run()
+    return run.info.run_id if run else None
+
+
+def figure_to_rgb(fig) -> np.ndarray:
+    """Render a matplotlib figure to a uint8 RGB array."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    from PIL import Image
+
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def dump_json(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
