@@ -150,7 +150,7 @@ class LossConfig(_Strict):
     fft: float = Field(ge=0)
     edge: float = Field(ge=0)
     charbonnier_eps: float = Field(gt=0)
-    ms_ssim_min_side: int = Field(ge=11)
+    ms_ssim_min_side: int = Field(ge=161)  # MS-SSIM with an 11-px window needs a side > 160
 
     def weights(self) -> dict[str, float]:
         """Non-zero component weights by component name."""

@@ -153,3 +153,63 @@ def dump_json(obj, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# --- models and the registry ------------------------------------------------------------
+
+def log_deblur_model(checkpoint: str | Path, tiling, name: str = "model") -> str:
+    """Log a checkpoint as an MLflow pyfunc model (any image size); returns its model URI."""
+    mlflow = _mlflow()
+    from deblur.mlflow_model import PIP_REQUIREMENTS, SIGNATURE, DeblurPyfunc
+
+    package_dir = Path(__file__).resolve().parent
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=DeblurPyfunc(),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(package_dir)],
+        signature=SIGNATURE,
+        model_config={"tiling": tiling.model_dump()},
+        pip_requirements=PIP_REQUIREMENTS,
+    )
+    return info.model_uri
+
+
+def register_model_version(model_uri: str, name: str, tags: dict) -> str:
+    """Register ``model_uri`` under ``name``; returns the new version number."""
+    mlflow = _mlflow()
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    return str(version.version)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    _mlflow().MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def version_by_alias(name: str, alias: str):
+    """The ModelVersion holding ``alias``, or None when the model or alias does not exist."""
+    mlflow = _mlflow()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def set_version_tags(name: str, version: str, tags: dict) -> None:
+    client = _mlflow().MlflowClient()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, str(v))
+
+
+def download_checkpoint(model_uri: str, dest: str | Path) -> Path:
+    """Fetch the checkpoint artifact of a logged/registered deblur pyfunc model."""
+    mlflow = _mlflow()
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri}/artifacts", dst_path=str(dest)))
+    found = sorted(local.rglob("*.pt"))
+    if not found:
+        raise FileNotFoundError(f"{model_uri}: no checkpoint (*.pt) among the model's artifacts")
+    return found[0]

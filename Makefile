@@ -1,0 +1,41 @@
+# Fresh machine: `make demo` (install + whole pipeline on the embedded data), `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(abspath $(VENV)/bin)
+PORT ?= 7071
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install demo repro test test-fast serve function-package bench clean-pipeline
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -e .
+	touch $@
+
+demo: install
+	@test -d .dvc || dvc init -q
+	DEBLUR_PIPELINE_ID=demo-$$(date +%Y%m%d-%H%M%S) dvc repro
+	$(PY) -m deblur.summary
+
+repro: install
+	dvc repro
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+serve: install
+	$(PY) -m deblur.webapp --host 127.0.0.1 --port $(PORT) --model-dir function_app/model
+
+function-package: install
+	$(PY) scripts/build_function_package.py --out build/function_app --model-dir function_app/model
+
+bench: install
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_serving.py --model-dir function_app/model

@@ -1,0 +1,47 @@
+"""Shared pieces of the architectures: size-agnostic padding and the global residual."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deblur.registry import Registry
+
+MODELS: Registry = Registry("model")
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad the bottom and right of ``x`` so H and W are multiples of ``multiple``.
+
+    Reflect padding where the image is large enough for it, replicate padding otherwise
+    (reflection needs the pad to be smaller than the side).
+    """
+    h, w = x.shape[-2:]
+    pad_h = -h % multiple
+    pad_w = -w % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+class ResidualRestorer(nn.Module):
+    """Base class: pads to ``size_multiple``, predicts a correction, adds the input, crops.
+
+    Subclasses implement ``body(x) -> residual`` on an already padded input.
+    """
+
+    size_multiple: int = 1
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        padded = pad_to_multiple(x, self.size_multiple)
+        out = padded + self.body(padded)
+        return out[..., :h, :w]
+
+    def prepare_inference(self, train_patch_size: int) -> None:
+        """Switch to the inference form in place; most models have none."""

@@ -1,0 +1,173 @@
+"""Tiled inference: run a model over an image of any size in overlapping tiles.
+
+Tiles are ``tile_size`` squares whose starts are spread evenly over each axis so that
+neighbours overlap by at least ``overlap`` pixels and the last tile ends exactly at the
+image border. No padding is needed, and pixels on the image border are computed the way
+whole-image inference computes them. An axis shorter than a tile gets one tile of the
+axis' own length (the models accept any size).
+
+Each tile's prediction is weighted by a separable raised-cosine ramp over ``overlap``
+pixels on every side that faces a neighbour (weight 1 on sides at the image border, never
+exactly 0), accumulated into one preallocated output buffer and divided by the summed
+weight. Because the tile grid is a Cartesian product, the summed weight is the outer
+product of two 1-D sums, so no full-size weight buffer is held. Tiles go through the
+model ``batch_size`` at a time under ``torch.inference_mode``: peak memory is the
+output buffer plus one tile batch, whatever the image size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deblur.config import TilingConfig
+
+
+@dataclass(frozen=True)
+class Tile:
+    image: int   # index in the batch of images
+    y: int
+    x: int
+    row: int     # index into the row (y) starts
+    col: int     # index into the column (x) starts
+
+
+def tile_starts(length: int, tile_size: int, overlap: int) -> list[int]:
+    """Evenly spread starts of tiles covering ``[0, length)`` with at least ``overlap`` shared pixels."""
+    if length <= tile_size:
+        return [0]
+    count = math.ceil((length - overlap) / (tile_size - overlap))
+    span = length - tile_size
+    return [round(i * span / (count - 1)) for i in range(count)]
+
+
+def feather_ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) -> torch.Tensor:
+    """1-D blend weights of one tile: raised cosine over ``overlap`` pixels on the chosen sides."""
+    weights = torch.ones(length, dtype=torch.float32)
+    ramp_len = min(overlap, length // 2)
+    if ramp_len == 0:
+        return weights
+    ramp = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(ramp_len, dtype=torch.float32) + 0.5) / ramp_len)
+    if ramp_start:
+        weights[:ramp_len] = ramp
+    if ramp_end:
+        weights[length - ramp_len:] = ramp.flip(0)
+    return weights
+
+
+def _axis_weights(length: int, starts: list[int], tile_len: int, overlap: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-tile ramps along one axis and their sum over the whole axis."""
+    ramps = [
+        feather_ramp(tile_len, overlap, ramp_start=i > 0, ramp_end=i < len(starts) - 1)
+        for i in range(len(starts))
+    ]
+    total = torch.zeros(length, dtype=torch.float32)
+    for start, ramp in zip(starts, ramps):
+        total[start:start + tile_len] += ramp
+    return ramps, total
+
+
+def _batches(tiles: list[Tile], batch_size: int) -> Iterator[list[Tile]]:
+    for i in range(0, len(tiles), batch_size):
+        yield tiles[i:i + batch_size]
+
+
+def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.device, param.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _as_float(tile: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if tile.dtype == torch.uint8:
+        return tile.to(dtype).div_(255.0)
+    return tile.to(dtype)
+
+
+def _check_args(image: torch.Tensor, tile_size: int, overlap: int, batch_size: int) -> None:
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"expected an image tensor of shape (N, 3, H, W), got {tuple(image.shape)}")
+    if tile_size < 1 or batch_size < 1 or overlap < 0:
+        raise ValueError(f"tile_size and batch_size must be >= 1 and overlap >= 0 (got {tile_size}, {batch_size}, {overlap})")
+    if 2 * overlap >= tile_size:
+        raise ValueError(f"overlap {overlap} must be less than half of tile_size {tile_size}")
+
+
+def tiled_inference(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    tile_size: int,
+    overlap: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """Deblur ``image`` (N,3,H,W; float in [0, 1] or uint8) tile by tile; returns float32 in [0, 1].
+
+    The output lives on the model's device; tiles are cut from ``image`` where it lies and
+    moved one batch at a time.
+    """
+    _check_args(image, tile_size, overlap, batch_size)
+    n, _, height, width = image.shape
+    device, dtype = _model_device_dtype(model)
+    tile_h, tile_w = min(tile_size, height), min(tile_size, width)
+    ys, xs = tile_starts(height, tile_size, overlap), tile_starts(width, tile_size, overlap)
+    ramps_y, total_y = _axis_weights(height, ys, tile_h, overlap)
+    ramps_x, total_x = _axis_weights(width, xs, tile_w, overlap)
+    blend = [[(ry[:, None] * rx[None, :]).to(device) for rx in ramps_x] for ry in ramps_y]
+    tiles = [Tile(b, y, x, r, c) for b in range(n) for r, y in enumerate(ys) for c, x in enumerate(xs)]
+
+    output = torch.zeros((n, 3, height, width), dtype=torch.float32, device=device)
+    with torch.inference_mode():
+        for batch in _batches(tiles, batch_size):
+            crops = [image[t.image, :, t.y:t.y + tile_h, t.x:t.x + tile_w] for t in batch]
+            inputs = _as_float(torch.stack(crops).to(device), dtype)
+            preds = model(inputs)
+            if preds.shape != inputs.shape:
+                raise RuntimeError(f"model returned shape {tuple(preds.shape)} for tiles of shape {tuple(inputs.shape)}")
+            for t, pred in zip(batch, preds.float()):
+                output[t.image, :, t.y:t.y + tile_h, t.x:t.x + tile_w] += pred * blend[t.row][t.col]
+        output /= (total_y[:, None] * total_x[None, :]).to(device)
+        output.clamp_(0.0, 1.0)
+    return output
+
+
+def naive_tiled_inference(model: torch.nn.Module, image: torch.Tensor, tile_size: int, overlap: int) -> torch.Tensor:
+    """Benchmark baseline only: one tile at a time, overlaps averaged uniformly, full weight buffer."""
+    _check_args(image, tile_size, overlap, 1)
+    n, _, height, width = image.shape
+    device, dtype = _model_device_dtype(model)
+    tile_h, tile_w = min(tile_size, height), min(tile_size, width)
+    output = torch.zeros((n, 3, height, width), dtype=torch.float32, device=device)
+    weight = torch.zeros((1, 1, height, width), dtype=torch.float32, device=device)
+    with torch.inference_mode():
+        for b in range(n):
+            for y in tile_starts(height, tile_size, overlap):
+                for x in tile_starts(width, tile_size, overlap):
+                    crop = _as_float(image[b:b + 1, :, y:y + tile_h, x:x + tile_w].to(device), dtype)
+                    output[b:b + 1, :, y:y + tile_h, x:x + tile_w] += model(crop).float()
+                    weight[:, :, y:y + tile_h, x:x + tile_w] += 1.0
+        output /= weight
+        output.clamp_(0.0, 1.0)
+    return output
+
+
+def deblur_array(
+    model: torch.nn.Module,
+    rgb: np.ndarray,
+    tiling: TilingConfig | tuple[int, int, int],
+) -> np.ndarray:
+    """Deblur one HxWx3 uint8 RGB array; ``tiling`` is a TilingConfig or (tile_size, overlap, batch_size)."""
+    if isinstance(tiling, TilingConfig):
+        tile_size, overlap, batch_size = tiling.tile_size, tiling.overlap, tiling.batch_size
+    else:
+        tile_size, overlap, batch_size = tiling
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 uint8 array, got {rgb.dtype} {rgb.shape}")
+    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
+    out = tiled_inference(model, image, tile_size, overlap, batch_size)
+    out = out[0].mul_(255.0).round_().to(torch.uint8).permute(1, 2, 0).cpu()
+    return np.ascontiguousarray(out.numpy())

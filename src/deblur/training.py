@@ -1,0 +1,385 @@
+"""The training loop: AdamW + cosine schedule, validation, checkpoints, resume, DDP.
+
+One step = one optimiser update on ``batch_size`` patches per rank. Checkpoints:
+``last.pt`` (everything needed to resume) and ``best.pt`` (best validation PSNR), both
+written atomically and only from finite weights. ``torchrun`` starts several ranks
+(DistributedDataParallel, gloo on CPU, nccl on CUDA); only rank 0 logs and saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from deblur import tracking, viz
+from deblur.checkpoints import load_checkpoint, save_atomic
+from deblur.config import Params
+from deblur.data.datasets import OnTheFlyPatches, PairPatches, StepSampler, to_tensor, to_uint8
+from deblur.data.pairs import read_pairs
+from deblur.imageio import read_rgb
+from deblur.losses import CompositeLoss
+from deblur.metrics import psnr, ssim
+from deblur.models import build_model, configure_inference, count_parameters
+
+TRAIN_SECTIONS = ("seed", "model", "loss", "train", "synthesize")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, bad init checkpoint, no data)."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class TrainResult:
+    best_psnr: float
+    best_step: int
+    last_step: int
+    stopped_early: bool
+    run_id: str | None
+    history: list[dict] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_digest(params: Params) -> str:
+    """Hash of what determines a training run; a resume is only allowed when it matches."""
+    import hashlib
+    import json
+
+    dump = params.model_dump(mode="json", by_alias=True)
+    relevant = {k: dump[k] for k in TRAIN_SECTIONS}
+    relevant["train"] = {k: v for k, v in relevant["train"].items() if k not in ("num_workers", "log_every")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device is 'cuda' but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def init_distributed() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    return Dist(rank=dist.get_rank(), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class Trainer:
+    def __init__(self, params: Params, pairs_dir: Path, checkpoint_dir: Path, dist_info: Dist | None = None) -> None:
+        self.params = params
+        self.cfg = params.train
+        self.pairs_dir = Path(pairs_dir)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.dist = dist_info or Dist()
+        self.device = resolve_device(self.cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.dist.local_rank)
+            self.device = torch.device("cuda", self.dist.local_rank)
+        seed_everything(params.seed + self.dist.rank)
+
+        self.model = build_model(params.model).to(self.device)
+        if self.device.type == "cuda" and self.cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = CompositeLoss(params.loss)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas,
+                                           weight_decay=self.cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.cfg.max_steps,
+                                                                    eta_min=self.cfg.eta_min)
+        self.step = 0
+        self.best_psnr = -math.inf
+        self.best_step = -1
+        self.bad_validations = 0
+        self.skipped_steps = 0
+        self.history: list[dict] = []
+        self.digest = train_digest(params)
+
+        self.val_records = read_pairs(self.pairs_dir, "val")[: self.cfg.val_max_images]
+        self.resumed = self._maybe_resume()
+        if not self.resumed and self.cfg.init_from:
+            self._init_from(Path(self.cfg.init_from))
+
+        self.train_model = self.model
+        if self.device.type == "cuda" and self.cfg.compile:
+            self.train_model = torch.compile(self.model)
+        if self.dist.world_size > 1:
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
+
+    # --- checkpoints -------------------------------------------------------------------
+    @property
+    def last_path(self) -> Path:
+        return self.checkpoint_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.checkpoint_dir / "best.pt"
+
+    def _state(self, full: bool) -> dict:
+        state = {
+            "model_config": self.params.model.model_dump(mode="json"),
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "train_patch_size": self.cfg.patch_size,
+            "step": self.step,
+            "best_psnr": self.best_psnr,
+            "best_step": self.best_step,
+            "params_digest": self.digest,
+        }
+        if full:
+            state.update(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                bad_validations=self.bad_validations,
+                history=self.history,
+                rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            )
+        return state
+
+    def _weights_finite(self) -> bool:
+        return all(torch.isfinite(p).all() for p in self.model.parameters())
+
+    def save(self, best: bool) -> None:
+        if not self.dist.is_main:
+            return
+        if not self._weights_finite():
+            raise TrainingError(f"step {self.step}: weights are not finite; refusing to write a broken checkpoint")
+        save_atomic(self._state(full=True), self.last_path)
+        if best:
+            save_atomic(self._state(full=False), self.best_path)
+
+    def _maybe_resume(self) -> bool:
+        if not self.last_path.exists():
+            return False
+        ckpt = load_checkpoint(self.last_path)
+        if ckpt.get("params_digest") != self.digest:
+            if self.dist.is_main:
+                print(f"[train] {self.last_path} was made with other params; starting fresh")
+            return False
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step = int(ckpt["step"])
+        self.best_psnr = float(ckpt["best_psnr"])
+        self.best_step = int(ckpt["best_step"])
+        self.bad_validations = int(ckpt.get("bad_validations", 0))
+        self.history = list(ckpt.get("history", []))
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if self.dist.is_main:
+            print(f"[train] resumed from {self.last_path} at step {self.step}")
+        return True
+
+    def _init_from(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        if ckpt["model_config"].get("name") != self.params.model.name:
+            raise TrainingError(f"train.init_from {path}: holds a {ckpt['model_config'].get('name')!r} model, "
+                                f"but model.name is {self.params.model.name!r}")
+        state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as err:
+            raise TrainingError(f"train.init_from {path}: weights do not fit the model in params.yaml "
+                                f"(model.{self.params.model.name}): {str(err).splitlines()[0]}") from err
+        if self.dist.is_main:
+            print(f"[train] initialised weights from {path}")
+
+    # --- data ----------------------------------------------------------------------------
+    def _dataset(self):
+        length = self.cfg.max_steps * self.cfg.batch_size * self.dist.world_size
+        records = read_pairs(self.pairs_dir, "train")
+        if self.cfg.source == "pairs":
+            return PairPatches(records, self.cfg.patch_size, self.params.seed, length)
+        sharp = sorted({r.clear_path for r in records if r.blur_type != "real"})
+        return OnTheFlyPatches(sharp, self.params.synthesize, self.cfg.patch_size, self.params.seed, length)
+
+    def _loader(self) -> DataLoader:
+        sampler = StepSampler(self.step, self.cfg.max_steps, self.cfg.batch_size, self.dist.rank, self.dist.world_size)
+        return DataLoader(self._dataset(), batch_size=self.cfg.batch_size, sampler=sampler,
+                          num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                          persistent_workers=False)
+
+    # --- steps -----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type != "cuda" or self.cfg.precision == "fp32":
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+
+    def train_step(self, blurred: torch.Tensor, sharp: torch.Tensor) -> dict[str, float] | None:
+        """One optimiser update; returns logged values, or None when a non-finite step was skipped."""
+        self.train_model.train()
+        fmt = torch.channels_last if (self.device.type == "cuda" and self.cfg.channels_last) else torch.contiguous_format
+        blurred = blurred.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        sharp = sharp.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+        with self._autocast():
+            output = self.train_model(blurred)
+        total, parts = self.loss_fn(output.float(), sharp)
+        if not torch.isfinite(total):
+            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+            if self.cfg.on_nonfinite == "stop":
+                raise TrainingError(f"step {self.step}: loss is not finite ({detail}); stopping without saving. "
+                                    "Lower train.lr, check the data, or set train.on_nonfinite: skip")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        return {"loss": float(total), "grad_norm": float(grad_norm),
+                **{f"loss_{k}": float(v) for k, v in parts.items()}}
+
+    @torch.inference_mode()
+    def validate(self, log_images: bool) -> dict[str, float]:
+        eval_model = copy.deepcopy(self.model).float().eval()
+        configure_inference(eval_model, self.params.model, self.cfg.patch_size)
+        out_psnr, out_ssim, in_psnr = [], [], []
+        for i, rec in enumerate(self.val_records):
+            blurred, sharp = read_rgb(rec.blur_path), read_rgb(rec.clear_path)
+            x = to_tensor(blurred).unsqueeze(0).to(self.device)
+            with self._autocast():
+                y = eval_model(x)
+            restored = to_uint8(y[0].float())
+            out_psnr.append(psnr(restored, sharp))
+            out_ssim.append(ssim(restored, sharp))
+            in_psnr.append(psnr(blurred, sharp))
+            if log_images and i < 2:
+                tracking.log_image(viz.triptych(blurred, restored, sharp), f"val/step_{self.step:06d}_{i}.png")
+        return {"val_psnr": float(np.mean(out_psnr)), "val_ssim": float(np.mean(out_ssim)),
+                "val_input_psnr": float(np.mean(in_psnr))}
+
+    def _after_validation(self, metrics: dict[str, float]) -> bool:
+        """Track the best model; returns True when early stopping triggers."""
+        improved = metrics["val_psnr"] > self.best_psnr
+        if improved:
+            self.best_psnr, self.best_step, self.bad_validations = metrics["val_psnr"], self.step, 0
+        else:
+            self.bad_validations += 1
+        self.save(best=improved)
+        patience = self.cfg.early_stop_patience
+        return patience > 0 and self.bad_validations >= patience
+
+    def fit(self) -> TrainResult:
+        main = self.dist.is_main
+        if main:
+            tracking.log_metrics({"parameters": count_parameters(self.model)})
+        if self.step >= self.cfg.max_steps:
+            return self._result(stopped_early=False)
+        window_start, window_patches = time.perf_counter(), 0
+        stopped_early = False
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not main)
+        for blurred, sharp in self._loader():
+            logged = self.train_step(blurred, sharp)
+            self.scheduler.step()
+            self.step += 1
+            bar.update(1)
+            window_patches += blurred.shape[0] * self.dist.world_size
+            if logged is not None:
+                bar.set_postfix(loss=f"{logged['loss']:.4f}")
+            if main and logged is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
+                elapsed = time.perf_counter() - window_start
+                logged.update(lr=self.scheduler.get_last_lr()[0], patches_per_s=window_patches / max(elapsed, 1e-9),
+                              skipped_steps=self.skipped_steps)
+                tracking.log_metrics(logged, step=self.step)
+                self.history.append({"step": self.step, **{k: logged[k] for k in ("loss", "lr", "grad_norm")}})
+                window_start, window_patches = time.perf_counter(), 0
+            at_end = self.step >= self.cfg.max_steps
+            if self.step % self.cfg.val_every == 0 or at_end:
+                stop = False
+                if main:
+                    metrics = self.validate(log_images=True)
+                    tracking.log_metrics(metrics, step=self.step)
+                    self.history.append({"step": self.step, **metrics})
+                    bar.write(f"[train] step {self.step}: val PSNR {metrics['val_psnr']:.2f} dB "
+                              f"(blurred input {metrics['val_input_psnr']:.2f} dB)")
+                    stop = self._after_validation(metrics)
+                stop = self._broadcast_flag(stop)
+                if stop:
+                    stopped_early = True
+                    if main:
+                        bar.write(f"[train] early stop at step {self.step}: no improvement in "
+                                  f"{self.cfg.early_stop_patience} validations")
+                    break
+        bar.close()
+        return self._result(stopped_early)
+
+    def _broadcast_flag(self, flag: bool) -> bool:
+        if self.dist.world_size == 1:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+    def _result(self, stopped_early: bool) -> TrainResult:
+        return TrainResult(best_psnr=self.best_psnr, best_step=self.best_step, last_step=self.step,
+                           stopped_early=stopped_early, run_id=tracking.active_run_id() if self.dist.is_main else None,
+                           history=self.history)
+
+
+def write_curve(history: list[dict], path: Path) -> None:
+    """Training curve as CSV for ``dvc plots`` (one row per logged step)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["step", "loss", "lr", "grad_norm", "val_psnr", "val_input_psnr", "val_ssim"]
+    rows: dict[int, dict] = {}
+    for entry in history:
+        rows.setdefault(entry["step"], {"step": entry["step"]}).update(entry)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for step in sorted(rows):
+            writer.writerow(rows[step])
+
+
+def curve_figure(history: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_psnr) = plt.subplots(1, 2, figsize=(10, 3.5))
+    loss = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    val = [(h["step"], h["val_psnr"], h["val_input_psnr"]) for h in history if "val_psnr" in h]
+    if loss:
+        ax_loss.plot(*zip(*loss))
+    ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
+    if val:
+        steps, out, inp = zip(*val)
+        ax_psnr.plot(steps, out, marker="o", label="model")
+        ax_psnr.plot(steps, inp, linestyle="--", label="blurred input")
+        ax_psnr.legend()
+    ax_psnr.set(xlabel="step", ylabel="PSNR (dB)", title="validation PSNR")
+    fig.tight_layout()
+    return fig
