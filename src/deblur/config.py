@@ -42,13 +42,40 @@ class FolderConfig(_Strict):
     max_side: int = Field(ge=16)
 
 
-class EmbeddedConfig(_Strict):
-    dead_leaves_count: int = Field(ge=0)
-    dead_leaves_size: int = Field(ge=32)
+def _check_range(low: float, high: float, what: str) -> None:
+    if low > high:
+        raise ValueError(f"{what}: minimum {low} exceeds maximum {high}")
+
+
+class DeadLeavesConfig(_Strict):
+    count: int = Field(ge=0)
+    size: int = Field(ge=32)
+    test_fraction: float = Field(ge=0, lt=1)
     soft_fraction: float = Field(ge=0, le=1)
+    layers: int = Field(ge=1)
+    radius_min: float = Field(gt=0, le=1)
+    radius_max: float = Field(gt=0, le=1)
+    max_defocus: float = Field(ge=0, le=0.25)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DeadLeavesConfig":
+        _check_range(self.radius_min, self.radius_max, "radius")
+        return self
+
+
+class EmbeddedConfig(_Strict):
+    photos: tuple[str, ...]
+    test_photos: tuple[str, ...]
     photo_max_side: int = Field(ge=32)
     val_fraction: float = Field(ge=0, lt=1)
-    test_photos: tuple[str, ...]
+    dead_leaves: DeadLeavesConfig
+
+    @model_validator(mode="after")
+    def _test_photos_listed(self) -> "EmbeddedConfig":
+        missing = sorted(set(self.test_photos) - set(self.photos))
+        if missing:
+            raise ValueError(f"test_photos {missing} are not in photos")
+        return self
 
 
 class IngestConfig(_Strict):
@@ -60,20 +87,37 @@ class IngestConfig(_Strict):
 
 
 class MotionConfig(_Strict):
-    max_kernel_size: int = Field(ge=3)
     min_kernel_size: int = Field(ge=3)
+    max_kernel_size: int = Field(ge=3)
     trajectory_length: float = Field(gt=0)
-    anxiety: float = Field(ge=0)
+    anxiety_max: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _odd_ordered(self) -> "MotionConfig":
+        if self.min_kernel_size % 2 == 0 or self.max_kernel_size % 2 == 0:
+            raise ValueError("kernel sizes must be odd")
+        _check_range(self.min_kernel_size, self.max_kernel_size, "kernel size")
+        return self
 
 
 class RangeSigma(_Strict):
     sigma_min: float = Field(gt=0)
     sigma_max: float = Field(gt=0)
 
+    @model_validator(mode="after")
+    def _ordered(self) -> "RangeSigma":
+        _check_range(self.sigma_min, self.sigma_max, "sigma")
+        return self
+
 
 class DefocusConfig(_Strict):
     radius_min: float = Field(gt=0)
     radius_max: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DefocusConfig":
+        _check_range(self.radius_min, self.radius_max, "radius")
+        return self
 
 
 class LensConfig(DefocusConfig):
@@ -89,8 +133,7 @@ class SynthesizeConfig(_Strict):
     defocus: DefocusConfig
     lens: LensConfig
     gamma: float = Field(gt=0)
-    noise_sigma_max: float = Field(ge=0)
-    quantize: bool
+    noise_sigma_max: float = Field(ge=0, le=0.5)
 
     @field_validator("blur_mix")
     @classmethod
@@ -220,8 +263,24 @@ class ServingConfig(_Strict):
     min_side: int = Field(ge=1)
     max_side: int = Field(ge=1)
     threads: int = Field(ge=1)
+    inference_slots: int = Field(ge=1)
+    max_waiting: int = Field(ge=0)
     tile_size_range: tuple[int, int]
     overlap_range: tuple[int, int]
+    weights_dtype: Literal["fp32", "fp16"]
+    output_quality: int = Field(ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ServingConfig":
+        for name in ("tile_size_range", "overlap_range"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high:
+                raise ValueError(f"{name} must be [low, high] with 0 <= low <= high, got [{low}, {high}]")
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} is larger than max_side {self.max_side}")
+        if self.tile_size_range[0] < 16:
+            raise ValueError(f"tile_size_range starts below 16 ({self.tile_size_range[0]})")
+        return self
 
 
 class Params(_Strict):
