@@ -14,11 +14,13 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, ImageError, CheckpointE
 
 def fail_cleanly(fn: Callable, *args) -> int:
     """Run ``fn``; a user error becomes one clear line on stderr and exit code 1."""
+    from deblur.data.ingest import IngestError
+    from deblur.data.pairs import PairsError
     from deblur.training import TrainingError
 
     try:
         fn(*args)
-    except (*USER_ERRORS, TrainingError) as err:
+    except (*USER_ERRORS, IngestError, PairsError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

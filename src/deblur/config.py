@@ -41,6 +41,12 @@ class FolderConfig(_Strict):
     test_fraction: float = Field(ge=0, lt=1)
     max_side: int = Field(ge=16)
 
+    @model_validator(mode="after")
+    def _leaves_train(self) -> "FolderConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1 (nothing would be left to train on)")
+        return self
+
 
 def _check_range(low: float, high: float, what: str) -> None:
     if low > high:

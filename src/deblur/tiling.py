@@ -18,6 +18,7 @@ output buffer plus one tile batch, whatever the image size.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -167,7 +168,9 @@ def deblur_array(
         tile_size, overlap, batch_size = tiling
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 uint8 array, got {rgb.dtype} {rgb.shape}")
-    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
+    with warnings.catch_warnings():  # decoded images are read-only arrays; tiles are only read from them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
     out = tiled_inference(model, image, tile_size, overlap, batch_size)
     out = out[0].mul_(255.0).round_().to(torch.uint8).permute(1, 2, 0).cpu()
     return np.ascontiguousarray(out.numpy())

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -160,10 +161,18 @@ def dump_json(obj, path: str | Path) -> None:
 def log_deblur_model(checkpoint: str | Path, tiling, name: str = "model") -> str:
     """Log a checkpoint as an MLflow pyfunc model (any image size); returns its model URI."""
     mlflow = _mlflow()
+    package_dir = Path(__file__).resolve().parent
+    with warnings.catch_warnings():
+        # MLflow nags about type hints and input examples; the tensor signature below is explicit
+        warnings.simplefilter("ignore", UserWarning)
+        info = _log_pyfunc(mlflow, name, checkpoint, package_dir, tiling)
+    return info.model_uri
+
+
+def _log_pyfunc(mlflow, name, checkpoint, package_dir, tiling):
     from deblur.mlflow_model import PIP_REQUIREMENTS, SIGNATURE, DeblurPyfunc
 
-    package_dir = Path(__file__).resolve().parent
-    info = mlflow.pyfunc.log_model(
+    return mlflow.pyfunc.log_model(
         name=name,
         python_model=DeblurPyfunc(),
         artifacts={"checkpoint": str(checkpoint)},
@@ -172,7 +181,6 @@ def log_deblur_model(checkpoint: str | Path, tiling, name: str = "model") -> str
         model_config={"tiling": tiling.model_dump()},
         pip_requirements=PIP_REQUIREMENTS,
     )
-    return info.model_uri
 
 
 def register_model_version(model_uri: str, name: str, tags: dict) -> str:

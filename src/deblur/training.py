@@ -259,7 +259,7 @@ class Trainer:
         total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        return {"loss": float(total), "grad_norm": float(grad_norm),
+        return {"loss": float(total.detach()), "grad_norm": float(grad_norm),
                 **{f"loss_{k}": float(v) for k, v in parts.items()}}
 
     @torch.inference_mode()

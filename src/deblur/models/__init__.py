@@ -11,7 +11,7 @@ from torch import nn
 
 from deblur.config import ModelConfig
 from deblur.models import nafnet, stacked_conv, unet  # noqa: F401  (register the architectures)
-from deblur.models.common import MODELS, ResidualRestorer
+from deblur.models.common import MODELS
 
 __all__ = ["MODELS", "build_model", "configure_inference", "count_parameters"]
 
@@ -31,8 +31,7 @@ def configure_inference(model: nn.Module, cfg: ModelConfig, train_patch_size: in
     expected = MODELS.get(cfg.name)
     if not isinstance(model, expected):
         raise TypeError(f"model is a {type(model).__name__}, config says {cfg.name!r} ({expected.__name__})")
-    if isinstance(model, ResidualRestorer):
-        model.prepare_inference(train_patch_size)
+    model.prepare_inference(train_patch_size)
     return model
 
 

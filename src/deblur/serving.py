@@ -1,0 +1,224 @@
+"""The serving artifact: what the register stage exports and the HTTP service loads.
+
+A serving artifact is a folder with two files, written together atomically:
+
+- ``model.pt``: ``model_config``, ``state_dict`` (fp32 or fp16, per ``serving.weights_dtype``),
+  ``train_patch_size`` and ``step``: a minimal checkpoint that ``deblur.checkpoints`` loads.
+- ``model.json``: the caller's metadata (registered name, version, alias, run id, metrics)
+  plus what the service needs without reading params.yaml: the ``tiling`` and ``serving``
+  sections as they were at export, the architecture and a hash of the weights file.
+
+Loading one needs torch and this package only, never MLflow. ``load_from_model_uri`` is the
+one path that talks to an MLflow registry; it imports mlflow when called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deblur.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
+from deblur.config import ServingConfig, TilingConfig
+from deblur.imageio import DecodedImage
+from deblur.tiling import deblur_array
+
+WEIGHTS_FILE = "model.pt"
+META_FILE = "model.json"
+FORMAT_VERSION = 1
+DEFAULT_MODEL_DIR = Path("function_app/model")
+UNREGISTERED = "unregistered"
+
+
+class ServingError(RuntimeError):
+    """A serving artifact or registry model is missing or cannot be loaded; the message says which."""
+
+
+@dataclass
+class ServingModel:
+    """A model ready for CPU inference, with the metadata the service reports."""
+
+    model: torch.nn.Module
+    meta: dict
+    tiling: TilingConfig
+    load_seconds: float = 0.0
+    source: str = ""
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or UNREGISTERED)
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.get("version") or "none")
+
+    @property
+    def alias(self) -> str:
+        return str(self.meta.get("alias") or "none")
+
+    def tiling_for(self, tile_size: int | None = None, overlap: int | None = None) -> TilingConfig:
+        """The default tiling with optional overrides (validated: overlap < tile_size / 2)."""
+        update = {k: v for k, v in (("tile_size", tile_size), ("overlap", overlap)) if v is not None}
+        return TilingConfig.model_validate({**self.tiling.model_dump(), **update})
+
+    def deblur(self, image: DecodedImage | np.ndarray, tile_size: int | None = None,
+               overlap: int | None = None) -> np.ndarray:
+        """Deblur an HxWx3 uint8 RGB array (or a DecodedImage's RGB); alpha is the caller's."""
+        rgb = image.rgb if isinstance(image, DecodedImage) else image
+        return deblur_array(self.model, rgb, self.tiling_for(tile_size, overlap))
+
+
+def export_serving_artifact(
+    checkpoint_path: str | Path,
+    out_dir: str | Path,
+    meta: dict,
+    *,
+    tiling: TilingConfig,
+    serving: ServingConfig,
+) -> Path:
+    """Write ``out_dir/model.pt`` and ``out_dir/model.json`` from a checkpoint; replaces ``out_dir`` whole.
+
+    ``meta`` is free-form JSON (name, version, alias, run_id, metrics, ...); the keys this
+    function writes itself (format_version, architecture, tiling, serving, ...) win.
+    """
+    ckpt = load_checkpoint(checkpoint_path)
+    dtype = torch.float16 if serving.weights_dtype == "fp16" else torch.float32
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    payload = {
+        "model_config": ckpt["model_config"],
+        "state_dict": state,
+        "train_patch_size": int(ckpt["train_patch_size"]),
+        "step": ckpt.get("step"),
+    }
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
+    staging.chmod(0o755)
+    try:
+        torch.save(payload, staging / WEIGHTS_FILE)
+        full_meta = {
+            **meta,
+            "format_version": FORMAT_VERSION,
+            "architecture": ckpt["model_config"]["name"],
+            "weights_dtype": serving.weights_dtype,
+            "weights_sha256": _sha256(staging / WEIGHTS_FILE),
+            "train_patch_size": payload["train_patch_size"],
+            "step": payload["step"],
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "tiling": tiling.model_dump(mode="json"),
+            "serving": serving.model_dump(mode="json"),
+        }
+        (staging / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_artifact_meta(model_dir: str | Path) -> dict:
+    """The parsed ``model.json`` of a serving artifact (cheap: no weights are read)."""
+    path = Path(model_dir) / META_FILE
+    if not path.is_file():
+        raise ServingError(f"{model_dir}: no serving model here ({META_FILE} not found); "
+                           "export one with the register stage or set DEBLUR_MODEL_DIR")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ServingError(f"{path}: unreadable ({err})") from err
+    missing = {"tiling", "serving", "format_version"} - set(meta)
+    if missing:
+        raise ServingError(f"{path}: not a serving artifact (missing {sorted(missing)})")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise ServingError(f"{path}: format_version {meta['format_version']}, this code reads {FORMAT_VERSION}")
+    return meta
+
+
+def load_serving_model(model_dir: str | Path, threads: int | None = None) -> ServingModel:
+    """Load a serving artifact onto the CPU in eval mode; sets torch's thread count."""
+    started = time.perf_counter()
+    model_dir = Path(model_dir)
+    meta = read_artifact_meta(model_dir)
+    serving = ServingConfig.model_validate(meta["serving"])
+    torch.set_num_threads(threads or serving.threads)
+    model = _model_or_serving_error(model_dir / WEIGHTS_FILE)
+    return ServingModel(
+        model=model,
+        meta=meta,
+        tiling=TilingConfig.model_validate(meta["tiling"]),
+        load_seconds=time.perf_counter() - started,
+        source=str(model_dir),
+    )
+
+
+def load_from_model_uri(uri: str, tiling: TilingConfig, threads: int) -> ServingModel:
+    """Load the checkpoint inside a registered model (``models:/<name>@<alias>`` or ``models:/<name>/<version>``).
+
+    Downloads the model's artifacts with MLflow (``MLFLOW_TRACKING_URI``) and loads the one
+    ``*.pt`` file among them. ``tiling`` is used unless the model was logged with its own.
+    """
+    import mlflow
+    import yaml
+
+    started = time.perf_counter()
+    name, alias, version = _parse_models_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    weights = sorted(local.rglob("*.pt"))
+    if len(weights) != 1:
+        raise ServingError(f"{uri}: expected one *.pt checkpoint among the model's artifacts, found {len(weights)}")
+    client = mlflow.MlflowClient()
+    registered = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():
+        logged = (yaml.safe_load(mlmodel.read_text()) or {}).get("model_config") or {}
+        if "tiling" in logged:
+            tiling = TilingConfig.model_validate(logged["tiling"])
+    torch.set_num_threads(threads)
+    meta = {"name": name, "alias": alias, "version": registered.version, "run_id": registered.run_id,
+            "architecture": None, "tiling": tiling.model_dump()}
+    model = _model_or_serving_error(weights[0])
+    meta["architecture"] = type(model).__name__
+    return ServingModel(model=model, meta=meta, tiling=tiling,
+                        load_seconds=time.perf_counter() - started, source=uri)
+
+
+def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
+    if not match:
+        raise ServingError(f"{uri!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _model_or_serving_error(weights: Path) -> torch.nn.Module:
+    try:
+        return model_from_checkpoint(weights)
+    except (CheckpointError, KeyError, RuntimeError, ValueError) as err:
+        raise ServingError(f"{weights}: cannot build the model ({type(err).__name__}: {err})") from err
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Swap ``staging`` in as ``target``; the old folder (if any) is removed after the swap."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old)
