@@ -1,0 +1,89 @@
+"""Shared fixtures: the repo's params.yaml shrunk to a tiny CPU run, and a private MLflow store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from deblur.config import Params, load_params, set_dotted
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Dotted params.yaml keys -> values that keep every stage small and fast; extend as stages need.
+TINY_OVERRIDES: dict[str, object] = {
+    "ingest.embedded.photos": ["astronaut", "camera", "chelsea", "coffee", "coins", "rocket", "immunohistochemistry"],
+    "ingest.embedded.test_photos": ["astronaut", "chelsea"],
+    "ingest.embedded.photo_max_side": 64,
+    "ingest.embedded.val_fraction": 0.2,
+    "ingest.embedded.dead_leaves.count": 6,
+    "ingest.embedded.dead_leaves.size": 48,
+    "ingest.embedded.dead_leaves.test_fraction": 0.2,
+    "synthesize.motion.min_kernel_size": 5,
+    "synthesize.motion.max_kernel_size": 15,
+}
+
+
+def write_params(path: Path, overrides: dict[str, object]) -> Path:
+    """Write the repo's params.yaml with dotted ``overrides`` applied to ``path``."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        set_dotted(raw, dotted, value)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_overrides() -> dict[str, object]:
+    """A fresh copy of TINY_OVERRIDES, free to modify in a test."""
+    return dict(TINY_OVERRIDES)
+
+
+@pytest.fixture
+def tiny_params(tiny_overrides) -> Params:
+    return load_params(ROOT / "params.yaml", overrides=tiny_overrides)
+
+
+@pytest.fixture
+def tiny_params_file(tmp_path, tiny_overrides) -> Path:
+    """tmp_path/params.yaml holding the tiny params (for stage scripts run as subprocesses)."""
+    return write_params(tmp_path / "params.yaml", tiny_overrides)
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A private sqlite MLflow store in tmp_path, exported as MLFLOW_TRACKING_URI (subprocesses inherit it).
+
+    Also changes into tmp_path, where MLflow puts the artifacts (./mlruns) of a sqlite store.
+    """
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DEBLUR_PIPELINE_ID", "pytest")
+    return uri
+
+
+def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``pipelines/<script>`` with this interpreter in ``cwd``; output captured as text."""
+    return subprocess.run([sys.executable, str(ROOT / "pipelines" / script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def make_gopro_tree(root: Path, size=(64, 48)) -> dict[str, list[str]]:
+    """GOPRO_Large layout: 2 train sequences and 1 test sequence, 2 frames each."""
+    layout = {"train": ["GOPR0001_11_00", "GOPR0002_11_01"], "test": ["GOPR0003_11_02"]}
+    rng = np.random.default_rng(0)
+    for split, sequences in layout.items():
+        for sequence in sequences:
+            for kind in ("sharp", "blur", "blur_gamma"):
+                folder = root / split / sequence / kind
+                folder.mkdir(parents=True)
+                for frame in ("000001.png", "000002.png"):
+                    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(folder / frame)
+    return layout

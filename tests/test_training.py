@@ -1,0 +1,165 @@
+"""The training stage on a tiny real dataset: checkpoints, MLflow run, resume, NaN guard, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from conftest import ROOT, TINY_OVERRIDES, write_params
+from deblur import tracking
+from deblur.checkpoints import load_checkpoint, save_atomic
+from deblur.config import load_params
+from deblur.data.ingest import run_ingest
+from deblur.data.synthesize import run_synthesize
+from deblur.stages import run_train
+from deblur.training import Trainer, TrainingError
+
+TRAIN_OVERRIDES = {
+    **TINY_OVERRIDES,
+    "model.name": "stacked_conv",
+    "model.stacked_conv": {"channels": 8, "depth": 3},
+    "train.patch_size": 32,
+    "train.batch_size": 2,
+    "train.max_steps": 6,
+    "train.val_every": 3,
+    "train.log_every": 1,
+    "train.val_max_images": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    params = load_params(ROOT / "params.yaml", overrides=TRAIN_OVERRIDES)
+    manifest = run_ingest(params, root / "ingested")
+    run_synthesize(params, manifest, root / "pairs")
+    return root / "pairs"
+
+
+def params_with(**extra):
+    return load_params(ROOT / "params.yaml", overrides={**TRAIN_OVERRIDES, **extra})
+
+
+def losses(history):
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def test_train_stage_writes_checkpoints_curve_and_mlflow_run(tmp_path, pairs_dir, mlflow_uri):
+    params_file = write_params(tmp_path / "params.yaml", TRAIN_OVERRIDES)
+    info = run_train(params_file, pairs_dir, tmp_path / "ck", tmp_path / "curve.csv", tmp_path / "run.json")
+
+    assert (tmp_path / "ck" / "best.pt").is_file() and (tmp_path / "ck" / "last.pt").is_file()
+    assert load_checkpoint(tmp_path / "ck" / "last.pt")["step"] == 6
+    assert json.loads((tmp_path / "run.json").read_text())["run_id"] == info["run_id"]
+    rows = (tmp_path / "curve.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and len(rows) == 1 + 6
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    run = client.get_run(info["run_id"])
+    assert run.data.params["train.lr"] == str(params_with().train.lr)
+    assert run.data.params["model.name"] == "stacked_conv"
+    for tag in ("git_commit", "data_hash", "device", "torch_version", "params_digest", "pipeline_id"):
+        assert run.data.tags[tag]
+    assert run.data.tags["stage"] == "train"
+    loss_history = client.get_metric_history(info["run_id"], "loss")
+    assert [m.step for m in loss_history] == [1, 2, 3, 4, 5, 6]
+    for name in ("loss_charbonnier", "loss_ms_ssim", "lr", "grad_norm", "patches_per_s", "val_psnr",
+                 "val_ssim", "val_input_psnr"):
+        assert name in run.data.metrics, name
+    assert run.data.metrics["best_val_psnr"] == pytest.approx(info["best_val_psnr"])
+    artifacts = {a.path for a in client.list_artifacts(info["run_id"])}
+    assert {"checkpoints", "plots", "val"} <= artifacts
+    assert {a.path for a in client.list_artifacts(info["run_id"], "val")} >= {"val/step_000003_0.png"}
+    model = mlflow.pyfunc.load_model(info["model_uri"])
+    inputs = model.metadata.get_input_schema().inputs[0]
+    assert inputs.shape == (-1, -1, 3)
+
+
+def test_same_params_same_metrics_and_resume_continues_identically(tmp_path, pairs_dir, mlflow_uri):
+    params = params_with()
+    full = Trainer(params, pairs_dir, tmp_path / "full")
+    with tracking.stage_run("train", params):
+        full_result = full.fit()
+    again = Trainer(params, pairs_dir, tmp_path / "again")
+    with tracking.stage_run("train", params):
+        again_result = again.fit()
+    assert losses(again_result.history) == losses(full_result.history)
+    assert again_result.best_psnr == full_result.best_psnr
+
+    # interrupted after step 3's checkpoint: a new trainer resumes there and continues identically
+    interrupted = Trainer(params, pairs_dir, tmp_path / "interrupted")
+    with tracking.stage_run("train", params):
+        for blurred, sharp in interrupted._loader():
+            interrupted.train_step(blurred, sharp)
+            interrupted.scheduler.step()
+            interrupted.step += 1
+            if interrupted.step == 3:
+                interrupted.save(best=True)
+                break
+        resumed = Trainer(params, pairs_dir, tmp_path / "interrupted")
+        assert resumed.resumed and resumed.step == 3
+        resumed_result = resumed.fit()
+    expected = losses(full_result.history)
+    got = losses(resumed_result.history)
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
+
+
+def test_resume_refuses_checkpoint_of_other_params(tmp_path, pairs_dir, mlflow_uri):
+    with tracking.stage_run("train", params_with()):
+        Trainer(params_with(), pairs_dir, tmp_path / "ck").fit()
+        other = Trainer(params_with(**{"train.lr": 0.001}), pairs_dir, tmp_path / "ck")
+    assert not other.resumed and other.step == 0
+
+
+def test_non_finite_loss_stops_and_writes_no_checkpoint(tmp_path, pairs_dir, mlflow_uri):
+    good = Trainer(params_with(), pairs_dir, tmp_path / "src")
+    state = good._state(full=False)
+    state["state_dict"] = {k: torch.full_like(v, float("nan")) for k, v in state["state_dict"].items()}
+    save_atomic(state, tmp_path / "nan.pt")
+
+    trainer = Trainer(params_with(**{"train.init_from": str(tmp_path / "nan.pt")}), pairs_dir, tmp_path / "ck")
+    with tracking.stage_run("train", trainer.params), pytest.raises(TrainingError, match="loss is not finite"):
+        trainer.fit()
+    assert not (tmp_path / "ck" / "best.pt").exists() and not (tmp_path / "ck" / "last.pt").exists()
+
+    skipping = Trainer(params_with(**{"train.init_from": str(tmp_path / "nan.pt"), "train.on_nonfinite": "skip"}),
+                       pairs_dir, tmp_path / "ck2")
+    with tracking.stage_run("train", skipping.params), pytest.raises(TrainingError, match="refusing to write a broken checkpoint"):
+        skipping.fit()
+    assert skipping.skipped_steps == 3
+    assert not (tmp_path / "ck2" / "last.pt").exists()
+
+
+def test_init_from_checks_architecture(tmp_path, pairs_dir, mlflow_uri):
+    unet = params_with(**{"model.name": "unet", "model.unet": {"base_channels": 8, "levels": 2,
+                                                               "bottleneck_channels": 16, "groups": 8}})
+    save_atomic(Trainer(unet, pairs_dir, tmp_path / "u")._state(full=False), tmp_path / "unet.pt")
+    with pytest.raises(TrainingError, match="holds a 'unet' model, but model.name is 'stacked_conv'"):
+        Trainer(params_with(**{"train.init_from": str(tmp_path / "unet.pt")}), pairs_dir, tmp_path / "ck")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path, pairs_dir, mlflow_uri):
+    params_file = write_params(tmp_path / "params.yaml", TRAIN_OVERRIDES)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(ROOT / "pipelines" / "train.py"),
+           "--params", str(params_file), "--pairs", str(pairs_dir), "--checkpoints", str(tmp_path / "ck"),
+           "--curve", str(tmp_path / "curve.csv"), "--run-info", str(tmp_path / "run.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((tmp_path / "run.json").read_text())
+    client = mlflow.MlflowClient(mlflow_uri)
+    experiment = client.get_experiment_by_name("deblur")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'train'")
+    assert [r.info.run_id for r in runs] == [info["run_id"]]   # only rank 0 logged
+    assert runs[0].data.tags["world_size"] == "2"
+    assert load_checkpoint(tmp_path / "ck" / "last.pt")["step"] == 6
