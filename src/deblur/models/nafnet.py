@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deblur.models.common import MODELS, ResidualRestorer
+from deblur.models.common import MODELS, ResidualRestorer, start_near_identity
 
 LAYER_NORM_EPS = 1e-6
 EXPANSION = 2  # channel expansion of the depthwise branch and of the FFN (as in the paper)
@@ -153,6 +153,7 @@ class NAFNet(ResidualRestorer):
             channels //= 2
             self.decoders.append(_stage(channels, blocks))
         self.ending = nn.Conv2d(width, 3, 3, padding=1)
+        start_near_identity(self.ending)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         x = self.intro(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deblur.models.common import MODELS, ResidualRestorer
+from deblur.models.common import MODELS, ResidualRestorer, start_near_identity
 
 
 @MODELS.register("stacked_conv")
@@ -21,6 +21,7 @@ class StackedConv(ResidualRestorer):
             layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
         layers.append(nn.Conv2d(channels, 3, 3, padding=1))
         self.net = nn.Sequential(*layers)
+        start_near_identity(self.net[-1])
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deblur.models.common import MODELS, ResidualRestorer
+from deblur.models.common import MODELS, ResidualRestorer, start_near_identity
 
 
 class DoubleConv(nn.Sequential):
@@ -61,6 +61,7 @@ class UNet(ResidualRestorer):
             self.decoders.append(Up(in_channels, width, groups))
             in_channels = width
         self.head = nn.Conv2d(in_channels, 3, 1)
+        start_near_identity(self.head)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
