@@ -42,8 +42,9 @@ def main() -> None:
     frame_720p = np.tile(frame, (3, 5, 1))[:720, :1280]
     for blur_type in BLUR_TYPES:
         spec = sample_blur(rng, params.synthesize, blur_type)
-        results[f"{blur_type}_sample_kernel_ms"] = per_call_ms(lambda t=blur_type: sample_blur(rng, params.synthesize, t), 20)
-        results[f"{blur_type}_apply_720p_ms"] = per_call_ms(lambda s=spec: apply_blur(frame_720p, s, params.synthesize, rng), 3)
+        cfg = params.synthesize
+        results[f"{blur_type}_sample_kernel_ms"] = per_call_ms(lambda t=blur_type: sample_blur(rng, cfg, t), 20)
+        results[f"{blur_type}_apply_720p_ms"] = per_call_ms(lambda s=spec: apply_blur(frame_720p, s, cfg, rng), 3)
         results[f"{blur_type}_kernel_side"] = int(spec.kernel.shape[-1])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from deblur.config import load_params
 from deblur.data.deadleaves import dead_leaves, layer_defocus_radii
 from deblur.data.ingest import IngestError, hash_split, read_manifest, run_ingest, unique_names
 from deblur.imageio import read_rgb
+from deblur.tracking import files_digest
 
 
 def _params(tiny_overrides, **overrides):
@@ -51,7 +53,8 @@ def test_gopro_pairs_referenced_in_place_with_whole_sequences_per_split(tmp_path
 
 
 @pytest.mark.parametrize("damage, needle", [
-    (lambda root: (root / "train/GOPR0002_11_01/blur/000002.png").unlink(), "GOPR0002_11_01/sharp/000002.png: no partner"),
+    (lambda root: (root / "train/GOPR0002_11_01/blur/000002.png").unlink(),
+     "GOPR0002_11_01/sharp/000002.png: no partner"),
     (lambda root: Image.new("RGB", (32, 48)).save(root / "test/GOPR0003_11_02/blur/000001.png"), "size 32x48 differs"),
     (lambda root: (root / "test/GOPR0003_11_02/sharp/000001.png").write_bytes(b"not a png"), "unreadable image header"),
 ])
@@ -242,22 +245,18 @@ def test_layer_defocus_grows_away_from_the_focus_range(tiny_params):
 
 
 def test_dead_leaves_speed(tiny_params):
-    import time
-
     cfg = tiny_params.ingest.embedded.dead_leaves.model_copy(update={"size": 256})
     dead_leaves(np.random.default_rng(0), cfg)
     start = time.perf_counter()
     for seed in range(3):
         dead_leaves(np.random.default_rng(seed), cfg)
-    assert (time.perf_counter() - start) / 3 < 0.5                  # ~0.14 s on 2 CPU cores
+    assert (time.perf_counter() - start) / 3 < 1.0     # ~0.14 s on 2 idle cores; catches order-of-magnitude slips
 
 
 # --- stage script --------------------------------------------------------------------------
 
 def test_ingest_script_logs_an_mlflow_run(tmp_path, tiny_params_file, mlflow_uri):
-    import mlflow
-
-    from deblur.tracking import files_digest
+    import mlflow                                                # heavy: imported only here
 
     result = run_script("ingest.py", "--params", "params.yaml", "--out", "data/ingested", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -287,3 +286,16 @@ def test_ingest_script_logs_an_mlflow_run(tmp_path, tiny_params_file, mlflow_uri
     assert manifest.read_bytes() == before                           # the previous output is untouched
     failed = client.search_runs([experiment.experiment_id], "tags.stage = 'ingest' and attributes.status = 'FAILED'")
     assert len(failed) == 1
+
+
+def test_gopro_unreadable_pair_is_skipped_when_asked(tmp_path, tiny_overrides):
+    root = tmp_path / "GOPRO_Large"
+    make_gopro_tree(root)
+    (root / "test/GOPR0003_11_02/blur/000002.png").write_bytes(b"broken")
+    params = _params(tiny_overrides, **{"ingest.source": "gopro", "ingest.gopro.root": str(root),
+                                         "ingest.skip_bad_files": True})
+    out = tmp_path / "ingested"
+    rows = read_manifest(run_ingest(params, out))
+    assert len(rows) == 5 and "GOPR0003_11_02__000002" not in {r.name for r in rows}
+    (skipped,) = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert skipped["path"].endswith("GOPR0003_11_02/sharp/000002.png") and "blur/000002.png" in skipped["reason"]

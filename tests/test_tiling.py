@@ -140,38 +140,53 @@ def test_invalid_tiling_arguments_are_refused(kwargs, message):
         tiled_inference(SmallConvNet(), torch.zeros(3, 32, 32), 64, 8, 1)
 
 
-def _seam_psnr(name: str, tile_size: int, overlap: int, head_scale: float) -> tuple[float, float]:
-    """(tiled vs whole-image PSNR, mean |residual|) of a default architecture, random init seed 0, at 700x530."""
+TRAINED_RESIDUAL = 0.02  # mean |output - input| of a deblurring model on blurred photos (~26 dB inputs)
+
+
+def trained_like(name: str, image: torch.Tensor) -> nn.Module:
+    """A default-config model, random init with seed 0, that changes ``image`` as much as a trained one.
+
+    The architectures start near identity (last layer x0.01, NAFNet block scales 0), which
+    would make any tiling look perfect. Every layer is re-drawn, NAFNet's block scales set to
+    1, and the last convolution rescaled so the mean |residual| on ``image`` is
+    TRAINED_RESIDUAL (the residual is linear in that layer's weights).
+    """
     torch.manual_seed(0)
     cfg = PARAMS.model.model_copy(update={"name": name})
     model = configure_inference(build_model(cfg).eval(), cfg, PARAMS.train.patch_size)
-    head = {"unet": "head", "nafnet": "ending"}.get(name)
-    if head is not None:
-        with torch.no_grad():
-            getattr(model, head).weight.mul_(head_scale)
-            getattr(model, head).bias.mul_(head_scale)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.GroupNorm)):
+                module.reset_parameters()
+        for param_name, param in model.named_parameters():
+            if param_name.endswith((".beta", ".gamma")):
+                param.fill_(1.0)
+        last = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
+        residual = (model(image) - image).abs().mean().item()
+        last.weight.mul_(TRAINED_RESIDUAL / residual)
+        last.bias.mul_(TRAINED_RESIDUAL / residual)
+    return model
+
+
+def _seam_psnr(name: str, tile_size: int, overlap: int) -> float:
+    """Tiled vs whole-image PSNR of ``trained_like(name)`` on a 700x530 photo-like image."""
     image = photo_tensor(530, 700)
+    model = trained_like(name, image)
     reference = whole(model, image)
     tiled = tiled_inference(model, image, tile_size, overlap, PARAMS.tiling.batch_size)
-    return psnr(tiled, reference), (reference - image).abs().mean().item()
+    return psnr(tiled, reference)
 
 
 def test_seams_of_stacked_conv_on_a_large_image():
-    value, residual = _seam_psnr("stacked_conv", PARAMS.tiling.tile_size, PARAMS.tiling.overlap, 1.0)
-    assert residual > 0.005, "the model must change the image for the comparison to mean anything"
+    value = _seam_psnr("stacked_conv", PARAMS.tiling.tile_size, PARAMS.tiling.overlap)
     assert value >= 45.0, f"stacked_conv: tiled vs whole {value:.1f} dB"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, tile_size, overlap", [("unet", 512, 64), ("nafnet", 256, 32)])
 def test_seams_of_normalised_models_on_a_large_image(name, tile_size, overlap):
-    """U-Net and NAFNet normalise or pool over the whole input, so tiles see other statistics
-    than the whole image and the outputs differ in proportion to the predicted residual.
-    A random-init head predicts ~15x a trained model's residual (mean |residual| 0.25 vs
-    ~0.02) and scores 19-27 dB whatever the tiling; the head is scaled by 0.05 to a trained
-    model's residual so this measures what serving a trained model does. Measured: U-Net
-    (GroupNorm) 42 dB at tile 256/overlap 32, 50 dB at 512/64; NAFNet (TLC) 53 dB at 256/32.
+    """U-Net (GroupNorm) and NAFNet (channel attention over pooled windows) compute statistics
+    over the whole input, so each tile is normalised differently from the whole image.
     """
-    value, residual = _seam_psnr(name, tile_size, overlap, 0.05)
-    assert residual > 0.005, "the model must change the image for the comparison to mean anything"
+    value = _seam_psnr(name, tile_size, overlap)
     assert value >= 45.0, f"{name}: tiled ({tile_size}/{overlap}) vs whole {value:.1f} dB"

@@ -14,8 +14,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 SIGNATURE = ModelSignature(
-    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3), name="image")]),
-    outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3), name="image")]),
+    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),
+    outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),
     params=ParamSchema([ParamSpec("tile_size", "long", 0), ParamSpec("overlap", "long", -1)]),
 )
 

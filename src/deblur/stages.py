@@ -147,7 +147,7 @@ def run_register(params_path: Path, run_info_path: Path, metrics_path: Path, pai
             input_psnr=summary["overall"]["input_psnr"],
             sharp_in_psnr=summary.get("sharp_in", {}).get("min_psnr"),
             champion_psnr=champion_psnr,
-            champion_version=champion.version if champion else None,
+            champion_version=str(champion.version) if champion else None,
         )
         decision = decide(gate, cfg)
         tags = {"git_commit": tracking.git_commit(), "data_hash": info["data_hash"],

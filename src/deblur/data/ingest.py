@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -146,15 +147,19 @@ def ingest_gopro(cfg: GoproConfig, seed: int, skip_bad_files: bool) -> tuple[lis
                 jobs.append((split, sequence, sharp, blur))
     rows, skipped = [], []
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = pool.map(_gopro_row, jobs)
-        for job, result in zip(jobs, tqdm(results, total=len(jobs), desc="ingest gopro", unit="pair")):
-            if isinstance(result, ManifestRow):
-                rows.append(result)
-            elif skip_bad_files:
-                skipped.append(SkippedFile(str(job[2]), str(result)))
-                log.warning("skipped %s", result)
-            else:
-                raise IngestError(f"{result} (ingest.skip_bad_files: true skips unreadable files)")
+        try:
+            results = pool.map(_gopro_row, jobs)
+            for job, result in zip(jobs, tqdm(results, total=len(jobs), desc="ingest gopro", unit="pair")):
+                if isinstance(result, ManifestRow):
+                    rows.append(result)
+                elif skip_bad_files:
+                    skipped.append(SkippedFile(job[2].as_posix(), str(result)))
+                    log.warning("skipped %s", result)
+                else:
+                    raise IngestError(f"{result} (ingest.skip_bad_files: true skips unreadable files)")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
     return rows, skipped
 
 
@@ -250,7 +255,7 @@ def hash_split(key: str, seed: int, val_fraction: float, test_fraction: float) -
 def unique_names(relative_paths: list[Path]) -> list[str]:
     """File-name-safe ids: path without suffix, '/' -> '__'; clashing ones get a path hash."""
     slugs = [re.sub(r"[^A-Za-z0-9._-]", "_", "__".join(p.with_suffix("").parts)) for p in relative_paths]
-    clashes = {s for s in slugs if slugs.count(s) > 1}
+    clashes = {s for s, n in Counter(slugs).items() if n > 1}
     return [f"{s}-{hashlib.sha256(p.as_posix().encode()).hexdigest()[:8]}" if s in clashes else s
             for s, p in zip(slugs, relative_paths)]
 
