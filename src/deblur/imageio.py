@@ -101,6 +101,7 @@ def write_png(path: str | Path, rgb: np.ndarray) -> None:
     os.close(fd)
     try:
         Image.fromarray(rgb).save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,10 +1,13 @@
 """Tiled inference: run a model over an image of any size in overlapping tiles.
 
-Tiles are ``tile_size`` squares whose starts are spread evenly over each axis so that
-neighbours overlap by at least ``overlap`` pixels and the last tile ends exactly at the
-image border. No padding is needed, and pixels on the image border are computed the way
-whole-image inference computes them. An axis shorter than a tile gets one tile of the
-axis' own length (the models accept any size).
+U-shaped models downsample by 2 several times, which is not shift-equivariant: a tile
+whose corner is not on the model's ``size_multiple`` grid sees other sampling positions
+than whole-image inference does. So tiles sit on that grid: each axis is virtually
+padded at the end to a multiple of ``size_multiple`` (reflect, as the models pad
+themselves), tile starts are spread evenly and rounded to the grid so that neighbours
+overlap by at least ``overlap`` pixels, and the last tile ends at the padded border. Only
+edge tiles are padded, by less than ``size_multiple`` pixels, and the padding is cropped
+off. An axis shorter than a tile gets one tile of the (padded) axis length.
 
 Each tile's prediction is weighted by a separable raised-cosine ramp over ``overlap``
 pixels on every side that faces a neighbour (weight 1 on sides at the image border, never
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from deblur.config import TilingConfig
 
@@ -37,13 +41,21 @@ class Tile:
     col: int     # index into the column (x) starts
 
 
-def tile_starts(length: int, tile_size: int, overlap: int) -> list[int]:
-    """Evenly spread starts of tiles covering ``[0, length)`` with at least ``overlap`` shared pixels."""
+def tile_starts(length: int, tile_size: int, overlap: int, align: int = 1) -> list[int]:
+    """Starts of tiles covering ``[0, length)``: multiples of ``align``, evenly spread, sharing at
+    least ``overlap`` pixels; ``length`` and ``tile_size`` must be multiples of ``align``."""
     if length <= tile_size:
         return [0]
-    count = math.ceil((length - overlap) / (tile_size - overlap))
+    max_stride = (tile_size - overlap) // align * align
+    if max_stride <= 0:
+        raise ValueError(f"tile_size {tile_size} minus overlap {overlap} leaves no stride on a grid of {align}")
     span = length - tile_size
-    return [round(i * span / (count - 1)) for i in range(count)]
+    count = math.ceil(span / max_stride) + 1
+    return [round(i * span / (count - 1) / align) * align for i in range(count)]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def feather_ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) -> torch.Tensor:
@@ -77,6 +89,16 @@ def _batches(tiles: list[Tile], batch_size: int) -> Iterator[list[Tile]]:
         yield tiles[i:i + batch_size]
 
 
+def _cut_tile(image: torch.Tensor, index: int, y: int, x: int, tile_h: int, tile_w: int) -> torch.Tensor:
+    """``image[index]`` at (y, x), reflect-padded at the bottom/right where the tile passes the border."""
+    crop = image[index, :, y:y + tile_h, x:x + tile_w]
+    pad_h, pad_w = tile_h - crop.shape[-2], tile_w - crop.shape[-1]
+    if pad_h == 0 and pad_w == 0:
+        return crop
+    mode = "reflect" if pad_h < crop.shape[-2] and pad_w < crop.shape[-1] else "replicate"
+    return F.pad(crop.float().unsqueeze(0), (0, pad_w, 0, pad_h), mode=mode)[0].to(crop.dtype)
+
+
 def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     for param in model.parameters():
         if param.is_floating_point():
@@ -105,33 +127,40 @@ def tiled_inference(
     tile_size: int,
     overlap: int,
     batch_size: int,
+    align: int | None = None,
 ) -> torch.Tensor:
     """Deblur ``image`` (N,3,H,W; float in [0, 1] or uint8) tile by tile; returns float32 in [0, 1].
 
-    The output lives on the model's device; tiles are cut from ``image`` where it lies and
-    moved one batch at a time.
+    ``align`` (default: the model's ``size_multiple``, else 1) is the grid tiles sit on;
+    ``tile_size`` is rounded down to a multiple of it. The output lives on the model's
+    device; tiles are cut from ``image`` where it lies and moved one batch at a time.
     """
     _check_args(image, tile_size, overlap, batch_size)
+    align = align or int(getattr(model, "size_multiple", 1))
+    tile_size = max(align, tile_size // align * align)
     n, _, height, width = image.shape
     device, dtype = _model_device_dtype(model)
-    tile_h, tile_w = min(tile_size, height), min(tile_size, width)
-    ys, xs = tile_starts(height, tile_size, overlap), tile_starts(width, tile_size, overlap)
-    ramps_y, total_y = _axis_weights(height, ys, tile_h, overlap)
-    ramps_x, total_x = _axis_weights(width, xs, tile_w, overlap)
+    padded_h, padded_w = _round_up(height, align), _round_up(width, align)
+    tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
+    ys, xs = tile_starts(padded_h, tile_size, overlap, align), tile_starts(padded_w, tile_size, overlap, align)
+    ramps_y, total_y = _axis_weights(padded_h, ys, tile_h, overlap)
+    ramps_x, total_x = _axis_weights(padded_w, xs, tile_w, overlap)
     blend = [[(ry[:, None] * rx[None, :]).to(device) for rx in ramps_x] for ry in ramps_y]
     tiles = [Tile(b, y, x, r, c) for b in range(n) for r, y in enumerate(ys) for c, x in enumerate(xs)]
 
     output = torch.zeros((n, 3, height, width), dtype=torch.float32, device=device)
     with torch.inference_mode():
         for batch in _batches(tiles, batch_size):
-            crops = [image[t.image, :, t.y:t.y + tile_h, t.x:t.x + tile_w] for t in batch]
+            crops = [_cut_tile(image, t.image, t.y, t.x, tile_h, tile_w) for t in batch]
             inputs = _as_float(torch.stack(crops).to(device), dtype)
             preds = model(inputs)
             if preds.shape != inputs.shape:
                 raise RuntimeError(f"model returned shape {tuple(preds.shape)} for tiles of shape {tuple(inputs.shape)}")
             for t, pred in zip(batch, preds.float()):
-                output[t.image, :, t.y:t.y + tile_h, t.x:t.x + tile_w] += pred * blend[t.row][t.col]
-        output /= (total_y[:, None] * total_x[None, :]).to(device)
+                valid_h, valid_w = min(tile_h, height - t.y), min(tile_w, width - t.x)
+                weights = blend[t.row][t.col][:valid_h, :valid_w]
+                output[t.image, :, t.y:t.y + valid_h, t.x:t.x + valid_w] += pred[:, :valid_h, :valid_w] * weights
+        output /= (total_y[:height, None] * total_x[None, :width]).to(device)
         output.clamp_(0.0, 1.0)
     return output
 

@@ -222,7 +222,8 @@ class Trainer:
         records = read_pairs(self.pairs_dir, "train")
         if self.cfg.source == "pairs":
             return PairPatches(records, self.cfg.patch_size, self.params.seed, length)
-        sharp = sorted({r.clear_path for r in records if r.blur_type != "real"})
+        by_name = {r.name: r.clear_path for r in records if r.blur_type != "real"}  # one per image, not per pair
+        sharp = [by_name[n] for n in sorted(by_name)]
         return OnTheFlyPatches(sharp, self.params.synthesize, self.cfg.patch_size, self.params.seed, length)
 
     def _loader(self) -> DataLoader:
