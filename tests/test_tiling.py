@@ -11,6 +11,7 @@ from torch import nn
 
 from deblur.config import TilingConfig
 from deblur.models import build_model, configure_inference
+from deblur.models.common import pad_to_multiple
 from deblur.tiling import deblur_array, feather_ramp, naive_tiled_inference, tile_starts, tiled_inference
 from serving_support import PARAMS, smooth_rgb
 
@@ -26,6 +27,24 @@ class SmallConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + 0.3 * self.body(x)
+
+
+class TinyUNet(nn.Module):
+    """Two stride-2 levels, no normalisation: convolutional but not shift-equivariant."""
+
+    size_multiple = 4
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.down = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+        self.up = nn.Sequential(nn.Conv2d(32, 48, 3, padding=1), nn.PixelShuffle(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        padded = pad_to_multiple(x, self.size_multiple)
+        return (padded + 0.3 * self.up(self.down(padded)))[..., :h, :w]
 
 
 class ShapeRecorder(nn.Module):
@@ -84,6 +103,16 @@ def test_small_conv_net_tiles_match_whole_image_far_above_the_seam_bar():
     naive = psnr(naive_tiled_inference(model, image, 256, 32), reference)
     assert feathered >= 90.0, f"tiled vs whole: {feathered:.1f} dB"
     assert feathered > naive + 20, f"feathered {feathered:.1f} dB should beat uniform averaging {naive:.1f} dB"
+
+
+def test_tiles_on_the_model_grid_match_a_downsampling_model():
+    model = TinyUNet().eval()
+    image = photo_tensor(530, 701)
+    reference = whole(model, image)
+    aligned = psnr(tiled_inference(model, image, 128, 32, 4), reference)
+    unaligned = psnr(tiled_inference(model, image, 128, 32, 4, align=1), reference)
+    assert aligned >= 70.0, f"grid-aligned tiles vs whole: {aligned:.1f} dB (measured 78)"
+    assert unaligned < 40.0, f"off-grid tiles: {unaligned:.1f} dB (measured 31)"
 
 
 def test_image_smaller_than_a_tile_is_one_tile_equal_to_whole_image():
@@ -185,8 +214,11 @@ def test_seams_of_stacked_conv_on_a_large_image():
 @pytest.mark.slow
 @pytest.mark.parametrize("name, tile_size, overlap", [("unet", 512, 64), ("nafnet", 256, 32)])
 def test_seams_of_normalised_models_on_a_large_image(name, tile_size, overlap):
-    """U-Net (GroupNorm) and NAFNet (channel attention over pooled windows) compute statistics
-    over the whole input, so each tile is normalised differently from the whole image.
+    """U-Net and NAFNet downsample four times; tiles sit on their 16-pixel grid.
+
+    The U-Net's GroupNorm also normalises each tile with that tile's own statistics, which
+    whole-image inference does not: measured 38 dB at the default 256/32 tiling, 48 dB at
+    512/64. NAFNet (per-pixel LayerNorm, TLC pooling windows) reaches 82 dB at 256/32.
     """
     value = _seam_psnr(name, tile_size, overlap)
     assert value >= 45.0, f"{name}: tiled ({tile_size}/{overlap}) vs whole {value:.1f} dB"

@@ -81,7 +81,9 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...] = (), tags: 
     ``sections``: which params.yaml sections to log as params (``seed`` always is).
     """
     mlflow = _mlflow()
-    mlflow.set_experiment(params.tracking.experiment)
+    launched_by_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))  # `mlflow run` made the run (and chose its experiment)
+    if not launched_by_mlflow_run:
+        mlflow.set_experiment(params.tracking.experiment)
     flat = params.flat()
     logged = {k: v for k, v in flat.items() if k == "seed" or k.split(".")[0] in sections}
     all_tags = {
@@ -91,7 +93,7 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...] = (), tags: 
         "params_digest": params.digest(),
         **(tags or {}),
     }
-    if parent_run_id:
+    if parent_run_id and not launched_by_mlflow_run:
         all_tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_name=run_name or stage, tags=all_tags) as run:
         # MLflow caps one log_params batch at 100 entries
