@@ -75,14 +75,17 @@ def whole(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
         return model(image).clamp(0, 1)
 
 
-@pytest.mark.parametrize("length, tile, overlap", [(700, 256, 32), (530, 256, 32), (257, 256, 32), (256, 256, 0),
-                                                   (1000, 128, 63), (40, 256, 32)])
-def test_tiles_cover_the_axis_with_at_least_the_overlap(length, tile, overlap):
-    starts = tile_starts(length, tile, overlap)
+@pytest.mark.parametrize("length, tile, overlap, align", [
+    (700, 256, 32, 1), (530, 256, 32, 1), (257, 256, 32, 1), (256, 256, 0, 1), (1000, 128, 63, 1), (40, 256, 32, 1),
+    (704, 256, 32, 16), (544, 256, 32, 16), (4096, 256, 32, 16), (272, 256, 120, 16),
+])
+def test_tiles_cover_the_axis_on_the_grid_with_at_least_the_overlap(length, tile, overlap, align):
+    starts = tile_starts(length, tile, overlap, align)
     tile_len = min(tile, length)
     assert starts[0] == 0 and starts[-1] + tile_len == length
     assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
     assert all(b > a for a, b in zip(starts, starts[1:]))
+    assert all(start % align == 0 for start in starts)
 
 
 def test_feather_ramp_is_positive_and_full_at_image_borders():
