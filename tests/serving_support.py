@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,17 +75,17 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m deblur.webapp`` as a real subprocess on a free loopback port."""
 
-    def __init__(self, model_dir: Path, env: dict | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, model_dir: Path | None, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path or model_dir.parent / f"server-{self.port}.log"
+        self.log_path = Path(tempfile.mkdtemp(prefix="deblur-server-")) / "server.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("DEBLUR_")}
         full_env.update(env or {})
         self._log = self.log_path.open("w")
         self.started = time.perf_counter()
+        model_args = ["--model-dir", str(model_dir)] if model_dir is not None else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "deblur.webapp", "--host", "127.0.0.1", "--port", str(self.port),
-             "--model-dir", str(model_dir)],
+            [sys.executable, "-m", "deblur.webapp", "--host", "127.0.0.1", "--port", str(self.port), *model_args],
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
@@ -117,7 +118,7 @@ class ServerProcess:
 
 
 @contextmanager
-def running_server(model_dir: Path, env: dict | None = None, need_model: bool = True):
+def running_server(model_dir: Path | None, env: dict | None = None, need_model: bool = True):
     server = ServerProcess(model_dir, env)
     try:
         server.wait_ready(need_model=need_model)

@@ -164,7 +164,8 @@ def load_from_model_uri(uri: str, tiling: TilingConfig, threads: int) -> Serving
     """Load the checkpoint inside a registered model (``models:/<name>@<alias>`` or ``models:/<name>/<version>``).
 
     Downloads the model's artifacts with MLflow (``MLFLOW_TRACKING_URI``) and loads the one
-    ``*.pt`` file among them. ``tiling`` is used unless the model was logged with its own.
+    ``*.pt`` file among them. ``tiling`` is used unless the pyfunc was logged with its own
+    (``model_config={"tiling": ...}``, see deblur.mlflow_model).
     """
     import mlflow
     import yaml
@@ -179,7 +180,8 @@ def load_from_model_uri(uri: str, tiling: TilingConfig, threads: int) -> Serving
     registered = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     mlmodel = local / "MLmodel"
     if mlmodel.is_file():
-        logged = (yaml.safe_load(mlmodel.read_text()) or {}).get("model_config") or {}
+        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+        logged = flavor.get("config") or {}
         if "tiling" in logged:
             tiling = TilingConfig.model_validate(logged["tiling"])
     torch.set_num_threads(threads)

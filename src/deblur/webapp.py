@@ -429,7 +429,8 @@ def _probe(data: bytes, serving: ServingConfig) -> tuple[int, int]:
         raise ApiError(413, "image_too_large", f"the image has too many pixels ({err}); the limit is "
                        f"{serving.max_pixels} pixels (serving.max_pixels)") from err
     except (OSError, SyntaxError, ValueError) as err:
-        raise ApiError(400, "invalid_image", f"the image header is corrupt ({err})") from err
+        raise ApiError(400, "invalid_image", f"the image is corrupt or truncated ({err}); send the complete "
+                       "file") from err
     pixels = width * height
     if pixels > serving.max_pixels:
         raise ApiError(413, "image_too_large", f"the image is {width}x{height} = {pixels} pixels; the limit is "

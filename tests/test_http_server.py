@@ -1,0 +1,278 @@
+"""The HTTP service as a real ``python -m deblur.webapp`` process, driven with real HTTP requests."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from deblur.webapp import InferenceGate
+from serving_support import encode, make_artifact, running_server, smooth_rgb
+
+LIMITS = {"max_body_mb": 1, "max_pixels": 1_000_000, "max_side": 2000, "min_side": 8}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir = make_artifact(tmp_path_factory.mktemp("http"), serving=LIMITS)
+    with running_server(model_dir) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def photo(width: int = 64, height: int = 48, mode: str = "RGB") -> Image.Image:
+    img = Image.fromarray(smooth_rgb(height, width))
+    if mode == "RGBA":
+        img.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, width, dtype=np.uint8), (height, 1))))
+        return img
+    return img.convert(mode)
+
+
+def response_image(response: httpx.Response) -> Image.Image:
+    img = Image.open(io.BytesIO(response.content))
+    img.load()
+    return img
+
+
+def assert_error(response: httpx.Response, status: int, code: str, mentions: str = "") -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == code and body["detail"], body
+    assert mentions in body["detail"], body["detail"]
+
+
+def assert_healthy(client: httpx.Client, server) -> None:
+    assert server.process.poll() is None, server.log()
+    health = client.get("/api/health").json()
+    assert health["ready"] and health["error"] is None
+
+
+def test_health_reports_model_tiling_and_limits(client):
+    health = client.get("/api/health").json()
+    assert health["ready"] and health["auth"] == "anonymous"
+    assert health["model"]["name"] == "deblur-test" and health["model"]["version"] == "7"
+    assert health["model"]["alias"] == "champion" and health["model"]["architecture"] == "stacked_conv"
+    assert health["tiling"] == {"tile_size": 256, "overlap": 32, "batch_size": 4}
+    assert health["limits"]["max_body_mb"] == 1 and health["limits"]["max_pixels"] == 1_000_000
+
+
+def test_web_page_is_served_self_contained(client):
+    for path in ("/", "/api/ui"):
+        page = client.get(path)
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert 'type="file"' in page.text and "/api/deblur" in page.text
+        assert "http://" not in page.text and "https://" not in page.text
+
+
+@pytest.mark.parametrize("fmt, media", [("JPEG", "image/jpeg"), ("PNG", "image/png"), ("WEBP", "image/webp"),
+                                        ("TIFF", "image/tiff"), ("BMP", "image/bmp")])
+def test_each_input_format_is_deblurred_to_png(client, fmt, media):
+    response = client.post("/api/deblur", content=encode(photo(), fmt), headers={"Content-Type": media})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    out = response_image(response)
+    assert out.size == (64, 48) and out.mode == "RGB"
+    for header in ("X-Model-Name", "X-Model-Version", "X-Model-Alias", "X-Inference-Ms", "Server-Timing"):
+        assert response.headers[header], header
+    assert (response.headers["X-Model-Name"], response.headers["X-Model-Alias"]) == ("deblur-test", "champion")
+    assert "infer;dur=" in response.headers["Server-Timing"]
+
+
+def test_exif_orientation_is_applied(client):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise for display
+    response = client.post("/api/deblur", content=encode(photo(64, 40), "JPEG", exif=exif))
+    assert response.status_code == 200, response.text
+    assert response_image(response).size == (40, 64)
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("1", "BMP")])
+def test_grayscale_palette_cmyk_and_16_bit_inputs_come_back_as_rgb(client, mode, fmt):
+    img = photo(mode=mode) if mode != "I;16" else Image.fromarray(
+        (np.linspace(0, 65535, 48 * 64).reshape(48, 64)).astype(np.uint16))
+    response = client.post("/api/deblur", content=encode(img, fmt))
+    assert response.status_code == 200, response.text
+    out = response_image(response)
+    assert out.size == (64, 48) and out.mode == "RGB"
+
+
+def test_alpha_is_kept_in_png_and_webp_and_dropped_in_jpeg(client):
+    rgba = photo(mode="RGBA")
+    alpha = np.asarray(rgba)[..., 3]
+    png = client.post("/api/deblur", content=encode(rgba, "PNG"))
+    assert png.headers["X-Alpha"] == "kept" and response_image(png).mode == "RGBA"
+    assert np.array_equal(np.asarray(response_image(png))[..., 3], alpha)
+    webp = client.post("/api/deblur?format=webp", content=encode(rgba, "PNG"))
+    assert webp.headers["X-Alpha"] == "kept" and response_image(webp).mode == "RGBA"
+    assert np.abs(np.asarray(response_image(webp))[..., 3].astype(int) - alpha).max() <= 2
+    jpeg = client.post("/api/deblur?format=jpeg", content=encode(rgba, "PNG"))
+    assert jpeg.headers["X-Alpha"] == "dropped" and response_image(jpeg).mode == "RGB"
+    opaque = client.post("/api/deblur", content=encode(photo(), "PNG"))
+    assert opaque.headers["X-Alpha"] == "none"
+
+
+def test_palette_with_transparency_keeps_its_alpha(client):
+    img = photo().convert("P")
+    img.info["transparency"] = 0
+    response = client.post("/api/deblur", content=encode(img, "PNG", transparency=0))
+    assert response.status_code == 200 and response_image(response).mode == "RGBA"
+
+
+def test_output_format_from_query_or_accept_header(client):
+    body = encode(photo(), "PNG")
+    assert client.post("/api/deblur", content=body, headers={"Accept": "image/webp"}).headers["content-type"] == "image/webp"
+    accept = {"Accept": "text/html;q=0.9, image/jpeg;q=0.8, image/png;q=0.5"}
+    assert client.post("/api/deblur", content=body, headers=accept).headers["content-type"] == "image/jpeg"
+    assert client.post("/api/deblur?format=jpeg", content=body,
+                       headers={"Accept": "image/webp"}).headers["content-type"] == "image/jpeg"
+    assert client.post("/api/deblur", content=body, headers={"Accept": "*/*"}).headers["content-type"] == "image/png"
+    assert_error(client.post("/api/deblur?format=gif", content=body), 400, "invalid_format", "png, jpeg or webp")
+
+
+def test_multipart_upload_in_the_image_field(client):
+    response = client.post("/api/deblur", files={"image": ("photo.jpg", encode(photo(), "JPEG"), "image/jpeg")})
+    assert response.status_code == 200 and response_image(response).size == (64, 48)
+    other = client.post("/api/deblur", files={"file": ("photo.jpg", encode(photo(), "JPEG"), "image/jpeg")})
+    assert_error(other, 400, "missing_field", "'image'")
+
+
+def test_tile_parameters_within_bounds_are_used_and_others_refused(client):
+    body = encode(photo(300, 200), "PNG")
+    ok = client.post("/api/deblur?tile_size=128&overlap=16", content=body)
+    assert ok.status_code == 200 and (ok.headers["X-Tile-Size"], ok.headers["X-Overlap"]) == ("128", "16")
+    assert_error(client.post("/api/deblur?tile_size=32", content=body), 400, "invalid_parameter", "[64, 1024]")
+    assert_error(client.post("/api/deblur?tile_size=big", content=body), 400, "invalid_parameter", "tile_size")
+    assert_error(client.post("/api/deblur?overlap=500", content=body), 400, "invalid_parameter", "[0, 128]")
+    assert_error(client.post("/api/deblur?tile_size=64&overlap=32", content=body), 400, "invalid_parameter", "half")
+
+
+def bomb_png() -> bytes:
+    """1200x1000 = 1.2 M pixels of black: ~4 kB on the wire, over the 1 M pixel limit."""
+    return encode(Image.new("L", (1200, 1000)), "PNG", optimize=True)
+
+
+@pytest.mark.parametrize("body, status, code, mentions", [
+    (b"", 400, "empty_body", "empty"),
+    (b"this is not an image at all", 415, "unsupported_media_type", "JPEG"),
+    (encode(photo(), "JPEG")[:300], 400, "invalid_image", "truncated"),
+    (bomb_png(), 413, "image_too_large", "serving.max_pixels"),
+    (encode(Image.new("RGB", (2100, 8)), "PNG"), 413, "image_too_large", "serving.max_side"),
+    (encode(Image.new("RGB", (4, 40)), "PNG"), 400, "image_too_small", "serving.min_side"),
+    (encode(Image.new("RGB", (64, 48)), "PPM"), 415, "unsupported_media_type", "JPEG"),
+], ids=["empty", "not-an-image", "truncated", "bomb", "too-wide", "too-small", "unsupported-format"])
+def test_bad_uploads_get_json_errors_and_the_worker_survives(client, server, body, status, code, mentions):
+    assert len(body) < 1_000_000
+    assert_error(client.post("/api/deblur", content=body), status, code, mentions)
+    assert_healthy(client, server)
+
+
+def test_body_over_the_limit_is_refused_from_content_length_before_it_is_sent(client, server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/deblur HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+                     b"Content-Length: 2000000\r\n\r\n" + b"\xff" * 1000)
+        started = time.monotonic()
+        reply = b""
+        while b"serving.max_body_mb" not in reply and (chunk := sock.recv(65536)):
+            reply += chunk
+        reply = reply.decode("latin-1")
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert "payload_too_large" in reply and "serving.max_body_mb" in reply
+    assert time.monotonic() - started < 5
+    assert_healthy(client, server)
+
+
+def test_streamed_body_over_the_limit_is_refused_while_reading(client, server):
+    def chunks():
+        for _ in range(48):  # 3 MB in 64 kB chunks, no Content-Length (chunked encoding)
+            yield b"\0" * 65536
+
+    try:
+        response = client.post("/api/deblur", content=chunks(), headers={"Content-Type": "image/png"})
+        assert_error(response, 413, "payload_too_large", "1 MB")
+    except httpx.WriteError:
+        pass  # the server answered 413 and closed the connection before the client finished sending
+    assert_healthy(client, server)
+
+
+def test_wrong_method_and_unknown_path(client, server):
+    assert_error(client.get("/api/deblur"), 405, "method_not_allowed", "POST")
+    assert_error(client.put("/api/deblur", content=b"x"), 405, "method_not_allowed")
+    assert_error(client.post("/api/health"), 405, "method_not_allowed")
+    assert_error(client.get("/api/nothing"), 404, "not_found")
+    assert_healthy(client, server)
+
+
+def test_three_concurrent_requests_all_succeed(client, server):
+    bodies = [encode(photo(200 + 40 * i, 150), "PNG") for i in range(3)]
+
+    def post(body: bytes) -> httpx.Response:
+        return httpx.post(f"{server.url}/api/deblur", content=body, timeout=60)
+
+    with ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(post, bodies))
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert [response_image(r).size for r in responses] == [(200, 150), (240, 150), (280, 150)]
+    assert_healthy(client, server)
+    assert client.get("/api/health").json()["in_flight"] == 0
+
+
+def test_inference_gate_admits_slots_plus_waiting():
+    gate = InferenceGate(slots=1, max_waiting=1)
+    assert gate.admit() and gate.admit() and not gate.admit()
+    gate.leave()
+    assert gate.admit()
+
+
+def test_api_key_is_required_when_set_and_a_full_queue_gets_503(tmp_path):
+    model_dir = make_artifact(tmp_path, serving={**LIMITS, "max_waiting": 0, "inference_slots": 1})
+    with running_server(model_dir, env={"DEBLUR_API_KEY": "s3cret"}) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as c:
+        body = encode(photo(), "PNG")
+        assert c.get("/api/health").json()["auth"] == "api_key"
+        assert_error(c.post("/api/deblur", content=body), 401, "unauthorized", "x-functions-key")
+        assert_error(c.post("/api/deblur?code=wrong", content=body), 401, "unauthorized")
+        assert c.post("/api/deblur", content=body, headers={"x-functions-key": "s3cret"}).status_code == 200
+        assert c.post("/api/deblur?code=s3cret", content=body).status_code == 200
+        assert _busy_response(c, server.url).status_code == 503
+
+
+def _busy_response(client: httpx.Client, url: str) -> httpx.Response:
+    """A request sent while another one holds the only slot (max_waiting 0)."""
+    slow = encode(photo(1000, 1000), "PNG")
+    for _ in range(5):
+        first = threading.Thread(target=httpx.post, args=(f"{url}/api/deblur?code=s3cret&tile_size=64&overlap=0",),
+                                 kwargs={"content": slow, "timeout": 60})
+        first.start()
+        deadline = time.monotonic() + 10
+        while client.get("/api/health").json()["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        second = client.post("/api/deblur?code=s3cret", content=encode(photo(), "PNG"))
+        first.join()
+        if second.status_code == 503:
+            assert_error(second, 503, "busy", "serving.max_waiting")
+            assert second.headers["Retry-After"] == "5"
+            return second
+    return second
+
+
+def test_missing_model_gives_503_and_an_unready_health(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with running_server(tmp_path / "empty", need_model=False) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as c:
+        assert_error(c.post("/api/deblur", content=encode(photo(), "PNG")), 503, "model_unavailable", "model.json")
+        health = c.get("/api/health").json()
+        assert not health["ready"] and "model.json" in health["error"]
+        assert health["settings_source"] == "params.yaml"
+        assert server.process.poll() is None

@@ -1,0 +1,209 @@
+"""Serving artifacts (export/load), the registry path, and the Azure Functions package."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deblur.checkpoints import model_from_checkpoint
+from deblur.imageio import decode_image
+from deblur.serving import (
+    META_FILE,
+    WEIGHTS_FILE,
+    ServingError,
+    export_serving_artifact,
+    load_serving_model,
+    read_artifact_meta,
+)
+from deblur.tiling import deblur_array
+from serving_support import PARAMS, ROOT, encode, make_artifact, make_checkpoint, running_server, smooth_rgb
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from build_function_package import PackageError, build_package  # noqa: E402
+
+
+def test_export_then_load_gives_the_checkpoint_model_and_metadata(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "c.pt", "stacked_conv", channels=8, depth=3)
+    meta = {"name": "deblur", "version": "3", "alias": "champion", "run_id": "abc", "metrics": {"psnr": 28.1}}
+    out = export_serving_artifact(ckpt, tmp_path / "model", meta, tiling=PARAMS.tiling, serving=PARAMS.serving)
+    assert sorted(p.name for p in out.iterdir()) == [META_FILE, WEIGHTS_FILE]
+    served = load_serving_model(out, threads=1)
+    assert (served.name, served.version, served.alias) == ("deblur", "3", "champion")
+    assert served.meta["architecture"] == "stacked_conv" and served.meta["metrics"] == {"psnr": 28.1}
+    assert served.tiling == PARAMS.tiling and not served.model.training
+    assert torch.get_num_threads() == 1
+    rgb = smooth_rgb(90, 120)
+    expected = deblur_array(model_from_checkpoint(ckpt), rgb, PARAMS.tiling)
+    assert np.array_equal(served.deblur(rgb), expected)
+    assert np.array_equal(served.deblur(decode_image(encode(Image.fromarray(rgb), "PNG"))), expected)
+    assert served.deblur(rgb, tile_size=64, overlap=8).shape == rgb.shape
+
+
+def test_fp16_export_halves_the_weights_and_stays_close(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "c.pt", "stacked_conv")
+    fp32 = export_serving_artifact(ckpt, tmp_path / "fp32", {}, tiling=PARAMS.tiling, serving=PARAMS.serving)
+    fp16 = export_serving_artifact(ckpt, tmp_path / "fp16", {}, tiling=PARAMS.tiling,
+                                   serving=PARAMS.serving.model_copy(update={"weights_dtype": "fp16"}))
+    assert (fp16 / WEIGHTS_FILE).stat().st_size < 0.6 * (fp32 / WEIGHTS_FILE).stat().st_size
+    rgb = smooth_rgb(64, 80)
+    a, b = load_serving_model(fp32).deblur(rgb), load_serving_model(fp16).deblur(rgb)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert load_serving_model(fp16).name == "unregistered"
+
+
+def test_export_replaces_the_folder_whole(tmp_path):
+    out = make_artifact(tmp_path)
+    (out / "stale.txt").write_text("from an older export")
+    make_artifact(tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == [META_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "model"]
+
+
+def test_missing_or_broken_artifacts_raise_serving_errors(tmp_path):
+    with pytest.raises(ServingError, match="DEBLUR_MODEL_DIR"):
+        load_serving_model(tmp_path / "nothing")
+    out = make_artifact(tmp_path)
+    (out / WEIGHTS_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(ServingError, match="model.pt"):
+        load_serving_model(out)
+    (out / META_FILE).write_text("{broken")
+    with pytest.raises(ServingError, match="unreadable"):
+        read_artifact_meta(out)
+
+
+def test_tiling_overrides_are_validated(tmp_path):
+    served = load_serving_model(make_artifact(tmp_path))
+    assert served.tiling_for(tile_size=128).tile_size == 128
+    with pytest.raises(ValueError, match="half of tile_size"):
+        served.tiling_for(tile_size=64, overlap=32)
+
+
+def test_function_requirements_pin_the_versions_tested_here():
+    pins = {}
+    for line in (ROOT / "function_app" / "requirements.txt").read_text().splitlines():
+        if line and not line.startswith(("#", "--")):
+            name, version = line.split("==")
+            pins[name] = version.split("+")[0]
+    assert {"azure-functions", "torch", "fastapi", "pillow", "numpy", "pydantic", "python-multipart"} <= set(pins)
+    for name, version in pins.items():
+        assert metadata.version(name).split("+")[0] == version, f"{name}: pinned {version}, installed {metadata.version(name)}"
+
+
+def test_host_json_route_prefix_matches_the_app_routes():
+    host = json.loads((ROOT / "function_app" / "host.json").read_text())
+    assert host["extensions"]["http"]["routePrefix"] == "api"
+    settings = json.loads((ROOT / "function_app" / "local.settings.example.json").read_text())
+    assert settings["Values"]["FUNCTIONS_WORKER_RUNTIME"] == "python"
+
+
+def test_package_build_refuses_a_missing_model_or_a_foreign_folder(tmp_path):
+    with pytest.raises(PackageError, match="no serving model"):
+        build_package(tmp_path / "pkg", tmp_path / "no-model")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("not a package")
+    with pytest.raises(PackageError, match="not a previous package build"):
+        build_package(foreign, make_artifact(tmp_path / "a"))
+    assert (foreign / "keep.txt").exists()
+
+
+FUNCTION_CALL = textwrap.dedent("""
+    import asyncio, io, json, sys
+    import azure.functions as func
+    import deblur, function_app
+
+    assert deblur.__file__.startswith(sys.argv[1]), deblur.__file__
+    function = function_app.app.get_functions()[0]
+    handler = function.get_user_function()
+    image = open(sys.argv[2], "rb").read()
+
+    async def main():
+        health = await handler(func.HttpRequest("GET", "http://localhost:7071/api/health", body=b""), None)
+        deblurred = await handler(func.HttpRequest(
+            "POST", "http://localhost:7071/api/deblur?format=png", body=image,
+            headers={"Content-Type": "image/jpeg"}), None)
+        empty = await handler(func.HttpRequest("POST", "http://localhost:7071/api/deblur", body=b""), None)
+        await function_app.app.middleware.notify_shutdown()
+        return health, deblurred, empty
+
+    health, deblurred, empty = asyncio.run(main())
+    open(sys.argv[3], "wb").write(deblurred.get_body())
+    print(json.dumps({
+        "binding": json.loads(function.get_function_json())["bindings"][0],
+        "health": json.loads(health.get_body()),
+        "status": deblurred.status_code, "mimetype": deblurred.mimetype,
+        "model_name": deblurred.headers.get("X-Model-Name"),
+        "empty": [empty.status_code, json.loads(empty.get_body())],
+    }))
+""")
+
+
+def test_function_package_imports_standalone_and_its_handler_deblurs(tmp_path):
+    package = build_package(tmp_path / "pkg", make_artifact(tmp_path / "a"))
+    assert {"function_app.py", "host.json", "requirements.txt", ".funcignore", "deblur", "model", "params.yaml"} <= {
+        p.name for p in package.iterdir()}
+    assert (package / "deblur" / "static" / "index.html").is_file()
+    assert not list(package.rglob("__pycache__"))
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(encode(Image.fromarray(smooth_rgb(48, 64)), "JPEG"))
+    result = tmp_path / "out.png"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEBLUR_")}
+    env["PYTHONPATH"] = str(package)
+    run = subprocess.run([sys.executable, "-c", FUNCTION_CALL, str(package), str(photo), str(result)],
+                         cwd=package, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["binding"]["route"] == "/{*route}" and report["binding"]["authLevel"] == "FUNCTION"
+    assert report["health"]["model_source"] == str(package / "model")
+    assert report["status"] == 200 and report["mimetype"] == "image/png"
+    assert report["model_name"] == "deblur-test"
+    assert report["empty"][0] == 400 and report["empty"][1]["error"] == "empty_body"
+    assert Image.open(result).size == (64, 48)
+
+
+@pytest.mark.slow
+def test_registry_model_uri_loads_in_the_library_and_the_server(tmp_path, monkeypatch):
+    import mlflow
+
+    from deblur.mlflow_model import SIGNATURE, DeblurPyfunc
+    from deblur.serving import load_from_model_uri
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    mlflow.set_tracking_uri(tracking)
+    ckpt = make_checkpoint(tmp_path / "checkpoint.pt", "stacked_conv", channels=8, depth=3)
+    artifacts = (tmp_path / "artifacts").as_uri()
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("serving-test", artifact_location=artifacts))
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=DeblurPyfunc(),
+                                       artifacts={"checkpoint": str(ckpt)}, signature=SIGNATURE,
+                                       model_config={"tiling": {"tile_size": 128, "overlap": 16, "batch_size": 2}},
+                                       registered_model_name="deblur-uri-test")
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("deblur-uri-test", "champion", info.registered_model_version)
+
+    served = load_from_model_uri("models:/deblur-uri-test@champion", PARAMS.tiling, threads=2)
+    assert (served.name, served.alias, served.version) == ("deblur-uri-test", "champion", "1")
+    assert served.tiling.tile_size == 128
+    rgb = smooth_rgb(40, 50)
+    assert np.array_equal(served.deblur(rgb), deblur_array(model_from_checkpoint(ckpt), rgb, served.tiling))
+
+    env = {"MLFLOW_TRACKING_URI": tracking, "DEBLUR_MODEL_URI": "models:/deblur-uri-test@champion"}
+    with running_server(None, env=env) as server:
+        import httpx
+
+        response = httpx.post(f"{server.url}/api/deblur", content=encode(Image.fromarray(rgb), "PNG"), timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Model-Alias"] == "champion" and response.headers["X-Tile-Size"] == "128"
+        assert Image.open(io.BytesIO(response.content)).size == (50, 40)
