@@ -10,6 +10,8 @@ JPEG photos (scikit-image's 'chelsea', resized) of each size at each concurrency
 - in process, the same model: tiled (batched, feathered, grid-aligned) vs the naive loop
   (one tile at a time, uniform averaging), time and PSNR against whole-image inference.
 
+The bench restarts itself with the server's allocator settings (``deblur.webapp.MALLOC_ENV``).
+
     python bench/bench_serving.py --model-dir function_app/model [--label unet] [--requests 4]
 
 Adds its entry (by --label) to bench/results/serving.json and rewrites bench/results/serving.md.
@@ -222,7 +224,8 @@ def markdown(entries: dict) -> str:
         lines += [f"## {label}: {r['model']['architecture']} ({r['model']['weights_dtype']}), "
                   f"tile {r['tiling']['tile_size']}/{r['tiling']['overlap']}, batch {r['tiling']['batch_size']}, "
                   f"{r['threads']} threads", "",
-                  f"{r['machine']['cpus']} CPUs, load average at start {r['machine']['load_avg_at_start']}, {r['when']}.",
+                  f"{r['machine']['cpus']} CPUs, load average at start {r['machine']['load_avg_at_start']}, "
+                  f"{r['when']}.",
                   f"Cold start (process start to first response): **{r['cold_start_s']} s**. "
                   f"Server peak RSS: **{r['server_peak_rss_mb']} MB**. Errors: **{r['errors']}**.", "",
                   "| size | concurrency | requests | p50 s | p95 s | inference p50 ms | throughput req/s | errors |",
@@ -247,12 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default=None, help="entry name in the results (default: the architecture)")
     parser.add_argument("--sizes", nargs="+", default=["1280x720", "2048x2048"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--requests", type=int, default=4, help="requests per (size, concurrency), at least the concurrency")
+    parser.add_argument("--requests", type=int, default=4,
+                        help="requests per (size, concurrency), at least the concurrency")
     parser.add_argument("--budget-s", type=float, default=120, help="no new requests of a phase after this long")
     parser.add_argument("--big", type=int, default=4096, help="side of the fresh-process memory request (0: skip)")
     parser.add_argument("--compare-size", default="1280x720", help="image size of the tiled-vs-naive comparison")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
     args = parser.parse_args(argv)
+    from deblur.webapp import MALLOC_ENV
+
+    if not all(k in os.environ for k in MALLOC_ENV):  # the server's allocator settings, here too
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**MALLOC_ENV, **os.environ})
     result = run(args)
     entries = json.loads(args.out.read_text()) if args.out.is_file() else {}
     entries[result["label"]] = result

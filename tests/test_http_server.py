@@ -132,7 +132,8 @@ def test_palette_with_transparency_keeps_its_alpha(client):
 
 def test_output_format_from_query_or_accept_header(client):
     body = encode(photo(), "PNG")
-    assert client.post("/api/deblur", content=body, headers={"Accept": "image/webp"}).headers["content-type"] == "image/webp"
+    webp = client.post("/api/deblur", content=body, headers={"Accept": "image/webp"})
+    assert webp.headers["content-type"] == "image/webp"
     accept = {"Accept": "text/html;q=0.9, image/jpeg;q=0.8, image/png;q=0.5"}
     assert client.post("/api/deblur", content=body, headers=accept).headers["content-type"] == "image/jpeg"
     assert client.post("/api/deblur?format=jpeg", content=body,

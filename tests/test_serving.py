@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,7 +96,8 @@ def test_function_requirements_pin_the_versions_tested_here():
             pins[name] = version.split("+")[0]
     assert {"azure-functions", "torch", "fastapi", "pillow", "numpy", "pydantic", "python-multipart"} <= set(pins)
     for name, version in pins.items():
-        assert metadata.version(name).split("+")[0] == version, f"{name}: pinned {version}, installed {metadata.version(name)}"
+        installed = metadata.version(name)
+        assert installed.split("+")[0] == version, f"{name}: pinned {version}, installed {installed}"
 
 
 def test_host_json_route_prefix_matches_the_app_routes():

@@ -55,7 +55,7 @@ class ServingModel:
 
     @property
     def name(self) -> str:
-        return str(self.meta.get("name") or UNREGISTERED)
+        return str(self.meta.get("name") or self.meta.get("model_name") or UNREGISTERED)
 
     @property
     def version(self) -> str:
@@ -87,8 +87,9 @@ def export_serving_artifact(
 ) -> Path:
     """Write ``out_dir/model.pt`` and ``out_dir/model.json`` from a checkpoint; replaces ``out_dir`` whole.
 
-    ``meta`` is free-form JSON (name, version, alias, run_id, metrics, ...); the keys this
-    function writes itself (format_version, architecture, tiling, serving, ...) win.
+    ``meta`` is free-form JSON (``name`` or ``model_name``, version, alias, run_id, metrics,
+    ...); the keys this function writes itself (format_version, architecture, tiling,
+    serving, ...) win.
     """
     ckpt = load_checkpoint(checkpoint_path)
     dtype = torch.float16 if serving.weights_dtype == "fp16" else torch.float32

@@ -72,7 +72,8 @@ def feather_ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) ->
     return weights
 
 
-def _axis_weights(length: int, starts: list[int], tile_len: int, overlap: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _axis_weights(length: int, starts: list[int], tile_len: int,
+                  overlap: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-tile ramps along one axis and their sum over the whole axis."""
     ramps = [
         feather_ramp(tile_len, overlap, ramp_start=i > 0, ramp_end=i < len(starts) - 1)
@@ -116,7 +117,8 @@ def _check_args(image: torch.Tensor, tile_size: int, overlap: int, batch_size: i
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"expected an image tensor of shape (N, 3, H, W), got {tuple(image.shape)}")
     if tile_size < 1 or batch_size < 1 or overlap < 0:
-        raise ValueError(f"tile_size and batch_size must be >= 1 and overlap >= 0 (got {tile_size}, {batch_size}, {overlap})")
+        raise ValueError(f"tile_size and batch_size must be >= 1 and overlap >= 0 "
+                         f"(got {tile_size}, {batch_size}, {overlap})")
     if 2 * overlap >= tile_size:
         raise ValueError(f"overlap {overlap} must be less than half of tile_size {tile_size}")
 
@@ -155,7 +157,8 @@ def tiled_inference(
             inputs = _as_float(torch.stack(crops).to(device), dtype)
             preds = model(inputs)
             if preds.shape != inputs.shape:
-                raise RuntimeError(f"model returned shape {tuple(preds.shape)} for tiles of shape {tuple(inputs.shape)}")
+                raise RuntimeError(f"model returned shape {tuple(preds.shape)} for tiles of shape "
+                                   f"{tuple(inputs.shape)}")
             for t, pred in zip(batch, preds.float()):
                 valid_h, valid_w = min(tile_h, height - t.y), min(tile_w, width - t.x)
                 weights = blend[t.row][t.col][:valid_h, :valid_w]
