@@ -18,6 +18,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 demo: install
 	@test -d .dvc || dvc init -q
+	$(PY) -m deblur.import_pretrained
 	DEBLUR_PIPELINE_ID=demo-$$(date +%Y%m%d-%H%M%S) dvc repro
 	$(PY) -m deblur.summary
 

@@ -277,3 +277,13 @@ def test_missing_model_gives_503_and_an_unready_health(tmp_path):
         assert not health["ready"] and "model.json" in health["error"]
         assert health["settings_source"] == "params.yaml"
         assert server.process.poll() is None
+
+
+def test_images_the_worker_is_too_slow_for_are_refused_with_the_largest_size_that_fits(tmp_path):
+    model_dir = make_artifact(tmp_path, serving={**LIMITS, "max_request_seconds": 0.0005})
+    with running_server(model_dir) as server, httpx.Client(base_url=server.url, timeout=60) as c:
+        body = encode(photo(400, 300), "PNG")
+        assert c.post("/api/deblur", content=body).status_code == 200  # no speed known yet: accepted
+        assert c.get("/api/health").json()["seconds_per_megapixel"] > 0
+        assert_error(c.post("/api/deblur", content=body), 413, "image_too_slow", "serving.max_request_seconds")
+        assert "downscale it to at most" in c.post("/api/deblur", content=body).json()["detail"]

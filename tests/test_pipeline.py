@@ -43,7 +43,7 @@ def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 @pytest.fixture
 def project(tmp_path, mlflow_uri):
     """A copy of the repo's pipeline in a fresh git + DVC repo, with tiny params."""
-    for name in ("dvc.yaml", "pipelines", "src"):
+    for name in ("dvc.yaml", "pipelines", "src", "checkpoints/pretrained"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
     write_params(tmp_path / "params.yaml", PIPELINE_OVERRIDES)

@@ -26,6 +26,7 @@ from deblur.serving import (
     read_artifact_meta,
 )
 from deblur.tiling import deblur_array
+from deblur.webapp import MALLOC_ENV
 from serving_support import PARAMS, ROOT, encode, make_artifact, make_checkpoint, running_server, smooth_rgb
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -100,11 +101,13 @@ def test_function_requirements_pin_the_versions_tested_here():
         assert installed.split("+")[0] == version, f"{name}: pinned {version}, installed {installed}"
 
 
-def test_host_json_route_prefix_matches_the_app_routes():
+def test_function_settings_match_the_app_routes_and_allocator_settings():
     host = json.loads((ROOT / "function_app" / "host.json").read_text())
     assert host["extensions"]["http"]["routePrefix"] == "api"
     settings = json.loads((ROOT / "function_app" / "local.settings.example.json").read_text())
     assert settings["Values"]["FUNCTIONS_WORKER_RUNTIME"] == "python"
+    assert MALLOC_ENV.items() <= settings["Values"].items()
+    assert all(f"{k}={v}" in (ROOT / "documentation" / "serving.md").read_text() for k, v in MALLOC_ENV.items())
 
 
 def test_package_build_refuses_a_missing_model_or_a_foreign_folder(tmp_path):

@@ -24,6 +24,7 @@ from deblur.training import Trainer, TrainingError
 TRAIN_OVERRIDES = {
     **TINY_OVERRIDES,
     "model.name": "stacked_conv",
+    "train.init_from": None,
     "model.stacked_conv": {"channels": 8, "depth": 3},
     "train.patch_size": 32,
     "train.batch_size": 2,

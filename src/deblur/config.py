@@ -271,6 +271,7 @@ class ServingConfig(_Strict):
     threads: int = Field(ge=1)
     inference_slots: int = Field(ge=1)
     max_waiting: int = Field(ge=0)
+    max_request_seconds: float = Field(gt=0)
     tile_size_range: tuple[int, int]
     overlap_range: tuple[int, int]
     weights_dtype: Literal["fp32", "fp16"]

@@ -149,8 +149,7 @@ def load_serving_model(model_dir: str | Path, threads: int | None = None) -> Ser
     started = time.perf_counter()
     model_dir = Path(model_dir)
     meta = read_artifact_meta(model_dir)
-    serving = ServingConfig.model_validate(meta["serving"])
-    torch.set_num_threads(threads or serving.threads)
+    torch.set_num_threads(threads or int(meta["serving"]["threads"]))
     model = _model_or_serving_error(model_dir / WEIGHTS_FILE)
     return ServingModel(
         model=model,

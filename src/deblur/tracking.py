@@ -223,3 +223,51 @@ def download_checkpoint(model_uri: str, dest: str | Path) -> Path:
     if not found:
         raise FileNotFoundError(f"{model_uri}: no checkpoint (*.pt) among the model's artifacts")
     return found[0]
+
+
+# --- moving a run between stores ----------------------------------------------------------
+
+def export_run(run_id: str, path: str | Path, store_uri: str | None = None) -> dict:
+    """Write a run's params, tags and full metric histories to JSON (portable, small)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(store_uri or tracking_uri())
+    run = client.get_run(run_id)
+    history = {name: [[m.step, m.timestamp, m.value] for m in client.get_metric_history(run_id, name)]
+               for name in run.data.metrics}
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}
+    record = {"run_id": run_id, "run_name": run.info.run_name, "start_time": run.info.start_time,
+              "end_time": run.info.end_time, "params": run.data.params, "tags": tags, "metrics": history}
+    dump_json(record, path)
+    return record
+
+
+def import_run(path: str | Path, experiment: str, artifacts: list[str | Path] = ()) -> str:
+    """Recreate an exported run (params, tags, metric histories, given artifacts) unless already imported.
+
+    Returns the run id in this store; a run tagged ``imported_from=<original id>`` is reused.
+    """
+    from mlflow.entities import Metric, Param
+
+    record = json.loads(Path(path).read_text())
+    client = _mlflow().MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    existing = client.search_runs([exp_id], filter_string=f"tags.imported_from = '{record['run_id']}'")
+    if existing:
+        return existing[0].info.run_id
+    run = client.create_run(exp_id, start_time=record["start_time"], run_name=record["run_name"],
+                            tags={**record["tags"], "imported_from": record["run_id"],
+                                  "mlflow.note.content": f"Imported from {Path(path).name}"})
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in record["params"].items()]
+    metrics = [Metric(name, value, timestamp, step) for name, points in record["metrics"].items()
+               for step, timestamp, value in points]
+    for i in range(0, len(params), 100):   # MLflow's batch limits: 100 params, 1000 metrics
+        client.log_batch(run_id, params=params[i:i + 100])
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    for artifact in artifacts:
+        client.log_artifact(run_id, str(artifact))
+    client.set_terminated(run_id, end_time=record["end_time"])
+    return run_id

@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -148,6 +149,25 @@ class InferenceGate:
             yield
 
 
+class SpeedEstimate:
+    """Seconds per megapixel of this worker's inferences (exponential average; None before the first)."""
+
+    def __init__(self, smoothing: float = 0.3) -> None:
+        self.smoothing = smoothing
+        self.seconds_per_mp: float | None = None
+        self._lock = threading.Lock()
+
+    def update(self, pixels: int, seconds: float) -> None:
+        rate = seconds / max(pixels / 1e6, 1e-6)
+        with self._lock:
+            old = self.seconds_per_mp
+            self.seconds_per_mp = rate if old is None else (1 - self.smoothing) * old + self.smoothing * rate
+
+    def seconds_for(self, pixels: int) -> float | None:
+        rate = self.seconds_per_mp
+        return None if rate is None else rate * pixels / 1e6
+
+
 @dataclass
 class DeblurResult:
     body: bytes
@@ -173,8 +193,8 @@ def resolve_settings(source: ModelSource, settings: ServingConfig | None) -> tup
             meta = read_artifact_meta(source.model_dir)
             serving = settings or ServingConfig.model_validate(meta["serving"])
             return serving, TilingConfig.model_validate(meta["tiling"]), str(source.model_dir / "model.json")
-        except ServingError as err:
-            log.warning("%s; falling back to params.yaml for settings", err)
+        except (ServingError, ValidationError) as err:
+            log.warning("no usable settings in the serving artifact (%s); falling back to params.yaml", err)
     params_path = Path(os.environ.get("DEBLUR_PARAMS", "params.yaml"))
     params = load_params(params_path)
     return settings or params.serving, params.tiling, str(params_path)
@@ -187,6 +207,7 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
     serving, tiling, settings_source = resolve_settings(source, settings)
     holder = ModelHolder(source, tiling, serving.threads)
     gate = InferenceGate(serving.inference_slots, serving.max_waiting)
+    speed = SpeedEstimate()
     api_key = os.environ.get("DEBLUR_API_KEY") or None
 
     @asynccontextmanager
@@ -225,8 +246,10 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
                 "overlap_range": list(serving.overlap_range),
                 "inference_slots": serving.inference_slots,
                 "max_waiting": serving.max_waiting,
+                "max_request_seconds": serving.max_request_seconds,
             },
             "in_flight": gate.admitted,
+            "seconds_per_megapixel": speed.seconds_per_mp,
             "accepted_formats": list(ACCEPTED_FORMATS),
             "output_formats": sorted(set(OUTPUT_FORMATS)),
             "auth": "api_key" if api_key else "anonymous",
@@ -240,7 +263,8 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
         tile_size, overlap = _tiling_params(request, serving, holder.model.tiling if holder.model else tiling)
         body = await _read_body(request, serving)
         data = await _image_bytes(request, body)
-        _probe(data, serving)
+        width, height = _probe(data, serving)
+        _check_expected_time(speed, width * height, serving)
         if not gate.admit():
             raise ApiError(503, "busy", f"the server is busy ({gate.capacity} requests in progress or queued, "
                            "serving.inference_slots + serving.max_waiting); retry in a few seconds",
@@ -249,6 +273,7 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
             result = await run_in_threadpool(_process, holder, gate, serving, data, fmt, tile_size, overlap)
         finally:
             gate.leave()
+        speed.update(result.width * result.height, result.timings_ms["infer"] / 1000)
         model = holder.get()
         result.timings_ms["total"] = (time.perf_counter() - started) * 1000
         return Response(content=result.body, media_type=MEDIA_TYPES[result.fmt], headers={
@@ -292,6 +317,15 @@ def _process(holder: ModelHolder, gate: InferenceGate, serving: ServingConfig, d
     alpha = "none" if decoded.alpha is None else ("kept" if fmt in ("PNG", "WEBP") else "dropped")
     height, width = restored.shape[:2]
     return DeblurResult(body=body, fmt=fmt, width=width, height=height, alpha=alpha, timings_ms=timings)
+
+
+def _check_expected_time(speed: SpeedEstimate, pixels: int, serving: ServingConfig) -> None:
+    expected = speed.seconds_for(pixels)
+    if expected is not None and expected > serving.max_request_seconds:
+        largest = serving.max_request_seconds / speed.seconds_per_mp
+        raise ApiError(413, "image_too_slow", f"this {pixels / 1e6:.1f} MP image would take about {expected:.0f} s "
+                       f"on this server, over the {serving.max_request_seconds:g} s limit "
+                       f"(serving.max_request_seconds): downscale it to at most {largest:.1f} MP")
 
 
 def _lap(mark: float) -> float:
@@ -474,10 +508,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 # glibc hands large freed blocks back to the OS, so every tile batch faults its activation
-# buffers in anew: 35-40 % of the CPU time of a request on this machine. These keep them.
-# glibc reads them at process start only (set them as app settings on Azure).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296",
-              "MALLOC_TOP_PAD_": "268435456"}
+# buffers in anew: 20-40 % of the CPU time of a request on this machine. These keep blocks
+# up to 256 MB in the heap. glibc reads them at process start only (on Azure: app settings).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "268435456", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 
 
 def _restart_with_malloc_settings(argv: list[str]) -> None:
