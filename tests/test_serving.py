@@ -176,18 +176,15 @@ def test_function_package_imports_standalone_and_its_handler_deblurs(tmp_path):
 
 
 @pytest.mark.slow
-def test_registry_model_uri_loads_in_the_library_and_the_server(tmp_path, monkeypatch):
+def test_registry_model_uri_loads_in_the_library_and_the_server(tmp_path, mlflow_uri):
     import mlflow
 
     from deblur.mlflow_model import SIGNATURE, DeblurPyfunc
     from deblur.serving import load_from_model_uri
 
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
-    mlflow.set_tracking_uri(tracking)
+    mlflow.set_tracking_uri(mlflow_uri)
     ckpt = make_checkpoint(tmp_path / "checkpoint.pt", "stacked_conv", channels=8, depth=3)
-    artifacts = (tmp_path / "artifacts").as_uri()
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment("serving-test", artifact_location=artifacts))
+    mlflow.set_experiment("serving-test")
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", python_model=DeblurPyfunc(),
                                        artifacts={"checkpoint": str(ckpt)}, signature=SIGNATURE,
@@ -202,7 +199,7 @@ def test_registry_model_uri_loads_in_the_library_and_the_server(tmp_path, monkey
     rgb = smooth_rgb(40, 50)
     assert np.array_equal(served.deblur(rgb), deblur_array(model_from_checkpoint(ckpt), rgb, served.tiling))
 
-    env = {"MLFLOW_TRACKING_URI": tracking, "DEBLUR_MODEL_URI": "models:/deblur-uri-test@champion"}
+    env = {"MLFLOW_TRACKING_URI": mlflow_uri, "DEBLUR_MODEL_URI": "models:/deblur-uri-test@champion"}
     with running_server(None, env=env) as server:
         import httpx
 

@@ -215,6 +215,7 @@ class LossConfig(_Strict):
 
 class TrainConfig(_Strict):
     source: Literal["pairs", "on_the_fly"]
+    identity_fraction: float = Field(ge=0, le=1)
     patch_size: int = Field(ge=16)
     batch_size: int = Field(ge=1)
     max_steps: int = Field(ge=1)

@@ -221,10 +221,11 @@ class Trainer:
         length = self.cfg.max_steps * self.cfg.batch_size * self.dist.world_size
         records = read_pairs(self.pairs_dir, "train")
         if self.cfg.source == "pairs":
-            return PairPatches(records, self.cfg.patch_size, self.params.seed, length)
+            return PairPatches(records, self.cfg.patch_size, self.params.seed, length, self.cfg.identity_fraction)
         by_name = {r.name: r.clear_path for r in records if r.blur_type != "real"}  # one per image, not per pair
         sharp = [by_name[n] for n in sorted(by_name)]
-        return OnTheFlyPatches(sharp, self.params.synthesize, self.cfg.patch_size, self.params.seed, length)
+        return OnTheFlyPatches(sharp, self.params.synthesize, self.cfg.patch_size, self.params.seed, length,
+                               self.cfg.identity_fraction)
 
     def _loader(self) -> DataLoader:
         sampler = StepSampler(self.step, self.cfg.max_steps, self.cfg.batch_size, self.dist.rank, self.dist.world_size)

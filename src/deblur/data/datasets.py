@@ -61,15 +61,21 @@ def random_crop(arrays: list[np.ndarray], size: int, rng: np.random.Generator) -
 
 
 class PairPatches(Dataset):
-    """Patches from synthesized (or real GoPro) blurred/sharp pairs."""
+    """Patches from synthesized (or real GoPro) blurred/sharp pairs.
 
-    def __init__(self, records: list[PairRecord], patch_size: int, seed: int, length: int) -> None:
+    With probability ``identity_fraction`` a sample is (sharp, sharp): the model must learn
+    to leave already-sharp content alone (the sharp-in check).
+    """
+
+    def __init__(self, records: list[PairRecord], patch_size: int, seed: int, length: int,
+                 identity_fraction: float = 0.0) -> None:
         if not records:
             raise ValueError("no training pairs: the synthesize stage produced an empty train split")
         self.records = records
         self.patch_size = patch_size
         self.seed = seed
         self.length = length
+        self.identity_fraction = identity_fraction
 
     def __len__(self) -> int:
         return self.length
@@ -77,7 +83,9 @@ class PairPatches(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
         rec = self.records[int(rng.integers(len(self.records)))]
-        blurred, sharp = _cached_rgb(str(rec.blur_path)), _cached_rgb(str(rec.clear_path))
+        sharp = _cached_rgb(str(rec.clear_path))
+        identity = rng.random() < self.identity_fraction
+        blurred = sharp if identity else _cached_rgb(str(rec.blur_path))
         if blurred.shape != sharp.shape:
             raise ValueError(f"{rec.blur_path}: size {blurred.shape} differs from its sharp image {sharp.shape}")
         blurred, sharp = augment(random_crop([blurred, sharp], self.patch_size, rng), rng)
@@ -87,7 +95,8 @@ class PairPatches(Dataset):
 class OnTheFlyPatches(Dataset):
     """Sharp crops blurred anew for every sample with the synthesize stage's blur code."""
 
-    def __init__(self, sharp_paths: list[Path], synth: SynthesizeConfig, patch_size: int, seed: int, length: int) -> None:
+    def __init__(self, sharp_paths: list[Path], synth: SynthesizeConfig, patch_size: int, seed: int, length: int,
+                 identity_fraction: float = 0.0) -> None:
         if not sharp_paths:
             raise ValueError("no sharp training images for on-the-fly blurring")
         self.sharp_paths = [str(p) for p in sharp_paths]
@@ -95,6 +104,7 @@ class OnTheFlyPatches(Dataset):
         self.patch_size = patch_size
         self.seed = seed
         self.length = length
+        self.identity_fraction = identity_fraction
         # blur a larger crop, keep its centre: no border effects from the kernel
         self.margin = synth.motion.max_kernel_size // 2 + 1
 
@@ -106,7 +116,7 @@ class OnTheFlyPatches(Dataset):
         sharp_full = _cached_rgb(self.sharp_paths[int(rng.integers(len(self.sharp_paths)))])
         big = self.patch_size + 2 * self.margin
         (crop,) = random_crop([sharp_full], big, rng)
-        blurred, _ = blur_pair(crop, rng, self.synth)
+        blurred = crop if rng.random() < self.identity_fraction else blur_pair(crop, rng, self.synth)[0]
         m, p = self.margin, self.patch_size
         blurred, sharp = augment([blurred[m:m + p, m:m + p], crop[m:m + p, m:m + p]], rng)
         return to_tensor(blurred), to_tensor(sharp)
