@@ -95,9 +95,10 @@ def test_dvc_repro_runs_all_stages_then_nothing(project, mlflow_uri):
     assert len(stage_runs(mlflow_uri)) == 5
 
     # an experiment with another learning rate is a new, comparable train run
+    default_lr = str(load_params(root / "params.yaml").train.lr)
     run([str(BIN / "dvc"), "exp", "run", "-S", "train.lr=0.001"], root, env)
     train_runs = [r for r in stage_runs(mlflow_uri) if r.data.tags["stage"] == "train"]
-    assert [r.data.params["train.lr"] for r in train_runs] == [str(load_params(root / "params.yaml").train.lr), "0.001"]
+    assert [r.data.params["train.lr"] for r in train_runs] == [default_lr, "0.001"]
     assert str(client.get_model_version_by_alias("deblur", "challenger").version) == "2"
 
 
