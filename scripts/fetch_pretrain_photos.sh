@@ -6,7 +6,7 @@
 #   - the train/val images of the embedded source (scikit-image photos minus the test
 #     photos, and dead leaves with depth of field), exported by an embedded ingest.
 # Nothing from Debian's wallpaper packages: those are reserved for independent evaluation.
-#   usage: scripts/fetch_pretrain_photos.sh OUT_DIR
+#   usage: scripts/fetch_pretrain_photos.sh OUT_DIR   (needs apt-get, and scikit-learn: pip install scikit-learn)
 set -euo pipefail
 out=${1:?usage: $0 OUT_DIR}
 py=${PYTHON:-.venv/bin/python}
