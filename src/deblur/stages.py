@@ -184,7 +184,8 @@ def run_register(params_path: Path, run_info_path: Path, metrics_path: Path, pai
             if serving_ckpt is not None:
                 export_serving_artifact(serving_ckpt, serving_dir, {
                     "model_name": cfg.model_name, "version": serving_version, "alias": "champion",
-                    "model_uri": f"models:/{cfg.model_name}/{serving_version}", "run_id": info["run_id"] if decision.promote else champion.run_id,
+                    "model_uri": f"models:/{cfg.model_name}/{serving_version}",
+                    "run_id": info["run_id"] if decision.promote else champion.run_id,
                     "metrics": {"test_psnr": gate.challenger_psnr if decision.promote else champion_psnr,
                                 "test_input_psnr": gate.input_psnr}},
                     tiling=params.tiling, serving=params.serving)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -140,16 +139,6 @@ def log_text(text: str, artifact_file: str) -> None:
 def active_run_id() -> str | None:
     run = _mlflow().active_run()
     return run.info.run_id if run else None
-
-
-def figure_to_rgb(fig) -> np.ndarray:
-    """Render a matplotlib figure to a uint8 RGB array."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    from PIL import Image
-
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB"))
 
 
 def dump_json(obj, path: str | Path) -> None:
