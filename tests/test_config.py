@@ -53,3 +53,38 @@ def test_missing_file_and_overrides(tmp_path):
 def test_every_config_in_repo_loads():
     for path in [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
         load_params(path)
+
+
+def test_extends_overlays_only_the_keys_it_names(tmp_path):
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(f"extends: {ROOT / 'params.yaml'}\ntrain: {{max_steps: 7}}\nmodel: {{nafnet: {{width: 8}}}}\n")
+    base, p = load_params(ROOT / "params.yaml"), load_params(profile)
+    assert p.train.max_steps == 7 and p.model.nafnet.width == 8
+    assert p.train.lr == base.train.lr and p.model.nafnet.enc_blocks == base.model.nafnet.enc_blocks
+    chained = tmp_path / "chained.yaml"
+    chained.write_text("extends: profile.yaml\ntrain: {lr: 0.5}\n")
+    c = load_params(chained, overrides={"train.batch_size": 3})
+    assert (c.train.max_steps, c.train.lr, c.train.batch_size) == (7, 0.5, 3)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("extends: nope.yaml\n", "nope.yaml: parameter file not found"),
+    ("extends: loop.yaml\n", "'extends' loops back on itself"),
+    ("extends: [a, b]\n", "'extends' must be a file path"),
+    ("extends: {base}\ntrain: 3\n", "train: a section in the base file cannot be replaced"),
+    ("extends: {base}\ntrain: {{steps: 3}}\n", "train.steps: unknown key"),
+])
+def test_bad_extends_names_the_file_and_key(tmp_path, text, needle):
+    path = tmp_path / "loop.yaml"
+    path.write_text(text.format(base=ROOT / "params.yaml"))
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")) as err:
+        load_params(path)
+    assert "loop.yaml" in str(err.value) or "nope.yaml" in str(err.value)
+
+
+def test_profiles_extend_params_instead_of_copying_it():
+    """A profile names only what differs, so a params.yaml change reaches every profile."""
+    base = load_params(ROOT / "params.yaml")
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        assert "extends:" in path.read_text(), path
+        assert load_params(path).serving == base.serving, path

@@ -325,8 +325,18 @@ class Params(_Strict):
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
-    """Read and validate ``path``; ``overrides`` maps dotted keys to values (tests, CLI)."""
-    path = Path(path)
+    """Read and validate ``path``; ``overrides`` maps dotted keys to values (tests, CLI).
+
+    A file may start with ``extends: <file>`` (relative to itself): it then holds only the
+    keys that differ, deep-merged over that base, so a profile never repeats a value.
+    """
+    raw = _read_layered(Path(path), seen=())
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    return params_from_dict(raw, source=str(path))
+
+
+def _read_yaml_mapping(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as err:
@@ -335,9 +345,36 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    for dotted, value in (overrides or {}).items():
-        set_dotted(raw, dotted, value)
-    return params_from_dict(raw, source=str(path))
+    return raw
+
+
+def _read_layered(path: Path, seen: tuple[Path, ...]) -> dict:
+    """``path``'s mapping, merged over the chain of files it ``extends``."""
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise ConfigError(f"{path}: 'extends' loops back on itself ({chain})")
+    raw = _read_yaml_mapping(path)
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'extends' must be a file path, got {base!r}")
+    merged = _read_layered(path.parent / base, (*seen, resolved))
+    _deep_merge(merged, raw, str(path))
+    return merged
+
+
+def _deep_merge(base: dict, overlay: dict, source: str, prefix: str = "") -> None:
+    """Overlay ``overlay`` onto ``base`` in place; mappings merge key by key, other values replace."""
+    for key, value in overlay.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value, source, f"{dotted}.")
+        elif key in base and isinstance(base[key], dict) != isinstance(value, dict):
+            raise ConfigError(f"{source}: {dotted}: a section in the base file cannot be replaced by a value")
+        else:
+            base[key] = value
 
 
 def set_dotted(raw: dict, dotted: str, value) -> None:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 from skimage import restoration
-from tqdm import tqdm
 
 from deblur.config import EvaluateConfig, TilingConfig
 from deblur.data.pairs import PairRecord
 from deblur.imageio import read_rgb
 from deblur.metrics import psnr, ssim
+from deblur.progress import progress
 from deblur.tiling import deblur_array
 
 METHODS = ("model", "input", "baseline")
@@ -85,7 +85,7 @@ def evaluate_model(model, records: list[PairRecord], tiling: TilingConfig, cfg: 
                    desc: str = "evaluate") -> EvalResult:
     """Score ``model`` on test pairs (and sharp-in photos); keeps the first ``keep_images`` images."""
     results = []
-    for i, rec in enumerate(tqdm(records, desc=desc, unit="image")):
+    for i, rec in enumerate(progress(records, desc=desc, unit="image")):
         blurred, sharp = read_rgb(rec.blur_path), read_rgb(rec.clear_path)
         if blurred.shape != sharp.shape:
             raise ValueError(f"{rec.blur_path}: size {blurred.shape[:2]} differs from {rec.clear_path} {sharp.shape[:2]}")

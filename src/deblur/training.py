@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from deblur import tracking, viz
 from deblur.checkpoints import load_checkpoint, save_atomic
@@ -33,6 +32,7 @@ from deblur.imageio import read_rgb
 from deblur.losses import CompositeLoss
 from deblur.metrics import psnr, ssim
 from deblur.models import build_model, configure_inference, count_parameters
+from deblur.progress import progress
 
 TRAIN_SECTIONS = ("seed", "model", "loss", "train", "synthesize")
 
@@ -302,7 +302,7 @@ class Trainer:
             return self._result(stopped_early=False)
         window_start, window_patches = time.perf_counter(), 0
         stopped_early = False
-        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not main)
+        bar = progress(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not main)
         for blurred, sharp in self._loader():
             logged = self.train_step(blurred, sharp)
             self.scheduler.step()

@@ -26,12 +26,12 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from deblur.config import EmbeddedConfig, FolderConfig, GoproConfig, Params
 from deblur.data.deadleaves import dead_leaves, palette_from_photos
 from deblur.data.pairs import SPLITS
 from deblur.imageio import IMAGE_SUFFIXES, ImageError, decode_image, read_rgb, write_png
+from deblur.progress import progress
 from deblur.viz import contact_sheet
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -149,7 +149,7 @@ def ingest_gopro(cfg: GoproConfig, seed: int, skip_bad_files: bool) -> tuple[lis
     with ThreadPoolExecutor(max_workers=4) as pool:
         try:
             results = pool.map(_gopro_row, jobs)
-            for job, result in zip(jobs, tqdm(results, total=len(jobs), desc="ingest gopro", unit="pair")):
+            for job, result in zip(jobs, progress(results, total=len(jobs), desc="ingest gopro", unit="pair")):
                 if isinstance(result, ManifestRow):
                     rows.append(result)
                 elif skip_bad_files:
@@ -228,7 +228,7 @@ def ingest_folder(cfg: FolderConfig, seed: int, skip_bad_files: bool, staging: P
         raise IngestError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     names = unique_names([p.relative_to(root) for p in files])
     rows, skipped = [], []
-    for path, name in zip(tqdm(files, desc="ingest folder", unit="image"), names):
+    for path, name in zip(progress(files, desc="ingest folder", unit="image"), names):
         try:
             rgb = decode_image(path).rgb
         except ImageError as err:
@@ -323,7 +323,7 @@ def _dead_leaves_rows(cfg: EmbeddedConfig, seed: int, palette_photos: list[np.nd
     split_of = {n: "test" for n in ranked[:n_test]} | {n: "val" for n in ranked[n_test:n_test + n_val]}
     palette = palette_from_photos(palette_photos, derive_rng(seed, "dead-leaves-palette"))
     rows = []
-    for name in tqdm(names, desc="dead leaves", unit="image"):
+    for name in progress(names, desc="dead leaves", unit="image"):
         image = dead_leaves(derive_rng(seed, name), leaves, palette)
         rows.append(_write_image(image, name, split_of.get(name, "train"), "dead_leaves", staging, out_dir))
     return rows

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from deblur.config import BLUR_TYPES, Params
 from deblur.data.blur import blur_pair, kernel_image
 from deblur.data.ingest import IngestError, ManifestRow, atomic_directory, derive_rng, read_manifest
 from deblur.data.pairs import INDEX_NAME, SPLITS, read_pairs
 from deblur.imageio import decode_image, read_rgb, write_png
+from deblur.progress import progress
 from deblur.viz import contact_sheet
 
 REAL_BLUR = "real"
@@ -51,7 +51,7 @@ def run_synthesize(params: Params, manifest_path: Path, out_dir: Path) -> Synthe
         for split in SPLITS:
             for sub in ("clear_images", "blur_images", "kernels"):
                 (staging / split / sub).mkdir(parents=True)
-        for row in tqdm(rows, desc="synthesize", unit="image"):
+        for row in progress(rows, desc="synthesize", unit="image"):
             split_dir = staging / row.split
             if row.blur_path:
                 entries[row.split].append(_pass_through(row, split_dir))
