@@ -6,7 +6,10 @@ PSNR/SSIM per blur type, plus the sharp-in check (unblurred photos through the m
 Speed: seconds per 1280x720 frame on CPU with ``--threads`` threads, tiled.
 
     python bench/bench_quality_speed.py --checkpoint checkpoints/pretrained/nafnet16.pt [--checkpoint ...]
-        [--speed-only nafnet:width=16 unet ...] [--threads 2]
+        [--speed-only nafnet:width=16 unet ...] [--threads 2] [--tile-sweep 256 288 384 512]
+
+``--tile-sweep`` times the first checkpoint at other tile sizes (batch 1 and the configured
+batch), with its camera-shake PSNR at each, to choose the serving tiling.
 
 Writes bench/results/quality_speed.{json,md}, documentation/img/quality_speed.png and
 triptychs documentation/img/results_*.png.
@@ -57,7 +60,7 @@ def blurred_set(photos, params, seed: int = 1234):
     return out
 
 
-def seconds_per_frame(model, tiling, repeats: int = 2) -> float:
+def seconds_per_frame(model, tiling, repeats: int = 3) -> float:
     frame = np.random.default_rng(0).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
     deblur_array(model, frame[:256, :256], tiling)   # warm-up
     times = []
@@ -94,6 +97,7 @@ def main() -> int:
     parser.add_argument("--speed-only", nargs="*", default=[], help="untrained sizes timed for the curve")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-side", type=int, default=512)
+    parser.add_argument("--tile-sweep", nargs="*", type=int, default=[], help="tile sizes to time the first checkpoint at")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
@@ -124,6 +128,17 @@ def main() -> int:
                      "seconds_720p": round(seconds_per_frame(model, tiling), 2)})
         triptych_models[label] = model
         print(rows[-1])
+    sweep = []
+    if args.tile_sweep and triptych_models:
+        model = next(iter(triptych_models.values()))
+        motion = {k: v for k, v in data.items() if k[1] == "motion"}
+        for tile_size in args.tile_sweep:
+            for batch in sorted({1, tiling.batch_size}):
+                swept = tiling.model_copy(update={"tile_size": tile_size, "batch_size": batch})
+                sweep.append({"tile_size": tile_size, "overlap": tiling.overlap, "batch_size": batch,
+                              "seconds_720p": round(seconds_per_frame(model, swept), 2),
+                              "motion_psnr": score(lambda b, k: deblur_array(model, b, swept), motion)["motion"]["psnr"]})
+                print(sweep[-1])
     for spec in args.speed_only:
         cfg = parse_speed_only(spec, params.model)
         torch.manual_seed(0)
@@ -135,14 +150,14 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"threads": args.threads, "tiling": tiling.model_dump(), "photos": list(HELD_OUT), "max_side": args.max_side,
             "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    (RESULTS / "quality_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    write_markdown(rows, meta)
+    (RESULTS / "quality_speed.json").write_text(json.dumps({"meta": meta, "rows": rows, "tile_sweep": sweep}, indent=2) + "\n")
+    write_markdown(rows, meta, sweep)
     plot(rows)
     write_triptychs(triptych_models, data, photos, tiling, params)
     return 0
 
 
-def write_markdown(rows, meta) -> None:
+def write_markdown(rows, meta, sweep) -> None:
     head = "| model | params | s / 1280x720 | " + " | ".join(f"{t} PSNR/SSIM" for t in BLUR_TYPES) + " | sharp-in PSNR (min) |"
     lines = [f"Held-out photos {meta['photos']} (longer side {meta['max_side']}), {meta['threads']} CPU threads, "
              f"tile {meta['tiling']['tile_size']} overlap {meta['tiling']['overlap']}, {meta['when']}.", "", head,
@@ -153,6 +168,11 @@ def write_markdown(rows, meta) -> None:
         params = f"{r['parameters'] / 1e6:.2f} M" if "parameters" in r else "-"
         sharp = f"{r['sharp_in_psnr']} ({r['sharp_in_min_psnr']})" if "sharp_in_psnr" in r else "-"
         lines.append(f"| {r['name']} | {params} | {r['seconds_720p']} | " + " | ".join(cells) + f" | {sharp} |")
+    if sweep:
+        lines += ["", f"Tile sizes for {rows[2]['name'] if len(rows) > 2 else 'the first checkpoint'} "
+                      f"(overlap {meta['tiling']['overlap']}):", "",
+                  "| tile | batch | s / 1280x720 | camera-shake PSNR |", "|---|---|---|---|"]
+        lines += [f"| {r['tile_size']} | {r['batch_size']} | {r['seconds_720p']} | {r['motion_psnr']:.2f} |" for r in sweep]
     (RESULTS / "quality_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

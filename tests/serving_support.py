@@ -89,7 +89,7 @@ class ServerProcess:
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout: float = 60.0, need_model: bool = True) -> dict:
+    def wait_ready(self, timeout: float = 180.0, need_model: bool = True) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
