@@ -164,3 +164,37 @@ def test_two_process_ddp_on_cpu(tmp_path, pairs_dir, mlflow_uri):
     assert [r.info.run_id for r in runs] == [info["run_id"]]   # only rank 0 logged
     assert runs[0].data.tags["world_size"] == "2"
     assert load_checkpoint(tmp_path / "ck" / "last.pt")["step"] == 6
+
+
+def test_sigterm_saves_last_checkpoint_and_the_same_command_resumes(tmp_path, pairs_dir, mlflow_uri):
+    """What a scheduler's time limit (or `timeout`) does: stop cleanly, then pick up where it stopped."""
+    import signal
+    import time
+
+    params_file = write_params(tmp_path / "params.yaml", {**TRAIN_OVERRIDES, "train.max_steps": 40,
+                                                          "train.val_every": 2})
+    cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--params", str(params_file), "--pairs",
+           str(pairs_dir), "--checkpoints", str(tmp_path / "ck"), "--curve", str(tmp_path / "curve.csv"),
+           "--run-info", str(tmp_path / "run.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "ck" / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr[-2000:]
+    assert "error: stopped by SIGTERM at step" in stderr and "run the same command to resume" in stderr
+    stopped_at = load_checkpoint(tmp_path / "ck" / "last.pt")["step"]
+    assert 2 <= stopped_at < 40 and f"at step {stopped_at} of 40" in stderr
+    assert not (tmp_path / "run.json").exists()
+    client = mlflow.MlflowClient(mlflow_uri)
+    (killed,) = client.search_runs([client.get_experiment_by_name("deblur").experiment_id])
+    assert killed.info.status == "KILLED" and killed.data.tags["interrupted_at_step"] == str(stopped_at)
+
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {tmp_path / 'ck' / 'last.pt'} at step {stopped_at}" in resumed.stdout
+    assert load_checkpoint(tmp_path / "ck" / "last.pt")["step"] == 40
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert client.get_run(info["run_id"]).data.tags["resumed"] == "True"

@@ -13,7 +13,7 @@ from deblur.config import load_params
 
 
 def run_train(params_path: Path, pairs_dir: Path, checkpoint_dir: Path, curve_path: Path, run_info_path: Path) -> dict:
-    from deblur.training import Trainer, curve_figure, init_distributed, write_curve
+    from deblur.training import Trainer, TrainingInterrupted, curve_figure, init_distributed, write_curve
 
     params = load_params(params_path)
     dist_info = init_distributed()
@@ -29,7 +29,12 @@ def run_train(params_path: Path, pairs_dir: Path, checkpoint_dir: Path, curve_pa
                             tags=tags, run_name=f"train-{params.model.name}") as run_id:
         trainer = Trainer(params, pairs_dir, checkpoint_dir, dist_info)
         tracking.set_tags({"device": str(trainer.device), "resumed": trainer.resumed})
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except TrainingInterrupted:
+            tracking.set_tags({"interrupted_at_step": trainer.step})
+            tracking.end_active_run("KILLED")
+            raise
         if not trainer.best_path.exists():
             raise FileNotFoundError(f"{trainer.best_path}: training produced no best checkpoint")
         write_curve(result.history, curve_path)

@@ -107,6 +107,11 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     _mlflow().log_metrics(clean, step=step)
 
 
+def end_active_run(status: str) -> None:
+    """End the active run with ``status`` (``KILLED``, ``FAILED``...) before its ``with`` block does."""
+    _mlflow().end_run(status=status)
+
+
 def set_tags(tags: dict) -> None:
     _mlflow().set_tags({k: str(v) for k, v in tags.items()})
 

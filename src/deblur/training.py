@@ -4,6 +4,8 @@ One step = one optimiser update on ``batch_size`` patches per rank. Checkpoints:
 ``last.pt`` (everything needed to resume) and ``best.pt`` (best validation PSNR), both
 written atomically and only from finite weights. ``torchrun`` starts several ranks
 (DistributedDataParallel, gloo on CPU, nccl on CUDA); only rank 0 logs and saves.
+SIGTERM or Ctrl-C (a scheduler's time limit, ``timeout``) ends the current step, writes
+``last.pt`` and raises ``TrainingInterrupted``: the same command then resumes there.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ import csv
 import math
 import os
 import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +45,30 @@ TRAIN_SECTIONS = ("seed", "model", "loss", "train", "synthesize")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, bad init checkpoint, no data)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """A signal stopped training; ``last.pt`` holds the step it reached."""
+
+
+@contextmanager
+def _signals_request_stop(flag: dict) -> Iterator[None]:
+    """While inside, SIGTERM/SIGINT set ``flag["signal"]`` instead of killing the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request_stop(signum, _frame) -> None:
+        flag["signal"] = signal.Signals(signum).name
+
+    for sig in previous:
+        signal.signal(sig, request_stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -300,9 +330,19 @@ class Trainer:
             tracking.log_metrics({"parameters": count_parameters(self.model)})
         if self.step >= self.cfg.max_steps:
             return self._result(stopped_early=False)
-        window_start, window_patches = time.perf_counter(), 0
-        stopped_early = False
         bar = progress(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not main)
+        interrupt: dict = {}
+        try:
+            with _signals_request_stop(interrupt):
+                stopped_early = self._loop(bar, interrupt)
+        finally:
+            bar.close()
+        return self._result(stopped_early)
+
+    def _loop(self, bar, interrupt: dict) -> bool:
+        """Steps until max_steps, early stopping (returns True) or a signal (raises)."""
+        main = self.dist.is_main
+        window_start, window_patches = time.perf_counter(), 0
         for blurred, sharp in self._loader():
             logged = self.train_step(blurred, sharp)
             self.scheduler.step()
@@ -328,15 +368,17 @@ class Trainer:
                     bar.write(f"[train] step {self.step}: val PSNR {metrics['val_psnr']:.2f} dB "
                               f"(blurred input {metrics['val_input_psnr']:.2f} dB)")
                     stop = self._after_validation(metrics)
-                stop = self._broadcast_flag(stop)
-                if stop:
-                    stopped_early = True
+                if self._broadcast_flag(stop):
                     if main:
                         bar.write(f"[train] early stop at step {self.step}: no improvement in "
                                   f"{self.cfg.early_stop_patience} validations")
-                    break
-        bar.close()
-        return self._result(stopped_early)
+                    return True
+            if not at_end and self._broadcast_flag("signal" in interrupt):
+                self.save(best=False)
+                raise TrainingInterrupted(
+                    f"stopped by {interrupt.get('signal', 'a signal on rank 0')} at step {self.step} of "
+                    f"{self.cfg.max_steps}; {self.last_path} saved: run the same command to resume")
+        return False
 
     def _broadcast_flag(self, flag: bool) -> bool:
         if self.dist.world_size == 1:
