@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from deblur.webapp import InferenceGate
-from serving_support import encode, make_artifact, running_server, smooth_rgb
+from serving_support import PARAMS, encode, make_artifact, running_server, smooth_rgb
 
 LIMITS = {"max_body_mb": 1, "max_pixels": 1_000_000, "max_side": 2000, "min_side": 8}
 
@@ -64,7 +64,7 @@ def test_health_reports_model_tiling_and_limits(client):
     assert health["ready"] and health["auth"] == "anonymous"
     assert health["model"]["name"] == "deblur-test" and health["model"]["version"] == "7"
     assert health["model"]["alias"] == "champion" and health["model"]["architecture"] == "stacked_conv"
-    assert health["tiling"] == {"tile_size": 256, "overlap": 32, "batch_size": 4}
+    assert health["tiling"] == PARAMS.tiling.model_dump()
     assert health["limits"]["max_body_mb"] == 1 and health["limits"]["max_pixels"] == 1_000_000
 
 
