@@ -130,12 +130,12 @@ def main() -> int:
         print(rows[-1])
     sweep = []
     if args.tile_sweep and triptych_models:
-        model = next(iter(triptych_models.values()))
+        label, model = next(iter(triptych_models.items()))
         motion = {k: v for k, v in data.items() if k[1] == "motion"}
         for tile_size in args.tile_sweep:
             for batch in sorted({1, tiling.batch_size}):
                 swept = tiling.model_copy(update={"tile_size": tile_size, "batch_size": batch})
-                sweep.append({"tile_size": tile_size, "overlap": tiling.overlap, "batch_size": batch,
+                sweep.append({"model": label.split(" (")[0], "tile_size": tile_size, "overlap": tiling.overlap, "batch_size": batch,
                               "seconds_720p": round(seconds_per_frame(model, swept), 2),
                               "motion_psnr": score(lambda b, k: deblur_array(model, b, swept), motion)["motion"]["psnr"]})
                 print(sweep[-1])
@@ -169,8 +169,7 @@ def write_markdown(rows, meta, sweep) -> None:
         sharp = f"{r['sharp_in_psnr']} ({r['sharp_in_min_psnr']})" if "sharp_in_psnr" in r else "-"
         lines.append(f"| {r['name']} | {params} | {r['seconds_720p']} | " + " | ".join(cells) + f" | {sharp} |")
     if sweep:
-        lines += ["", f"Tile sizes for {rows[2]['name'] if len(rows) > 2 else 'the first checkpoint'} "
-                      f"(overlap {meta['tiling']['overlap']}):", "",
+        lines += ["", f"Tile sizes for {sweep[0]['model']} (overlap {meta['tiling']['overlap']}):", "",
                   "| tile | batch | s / 1280x720 | camera-shake PSNR |", "|---|---|---|---|"]
         lines += [f"| {r['tile_size']} | {r['batch_size']} | {r['seconds_720p']} | {r['motion_psnr']:.2f} |" for r in sweep]
     (RESULTS / "quality_speed.md").write_text("\n".join(lines) + "\n")
@@ -198,10 +197,8 @@ def plot(rows, sweep=()) -> None:
                     fontsize=8)
     if sweep:
         best = min(sweep, key=lambda r: r["seconds_720p"])
-        trained = [r for r in rows if r["kind"] == "trained"]
-        label = trained[0]["name"].split(" (")[0] if trained else "first checkpoint"
         ax.plot([r["seconds_720p"] for r in sweep], [r["motion_psnr"] for r in sweep], ".", color="grey", zorder=2)
-        ax.annotate(f"{label}, tile {best['tile_size']} batch {best['batch_size']}",
+        ax.annotate(f"{best['model']}, tile {best['tile_size']} batch {best['batch_size']}",
                     (best["seconds_720p"], best["motion_psnr"]), textcoords="offset points", xytext=(6, 10),
                     fontsize=8, color="green", arrowprops={"arrowstyle": "-", "color": "green"})
     ax.axvline(2.0, linestyle=":", color="grey")

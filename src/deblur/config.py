@@ -371,7 +371,7 @@ def _deep_merge(base: dict, overlay: dict, source: str, prefix: str = "") -> Non
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             _deep_merge(base[key], value, source, f"{dotted}.")
-        elif key in base and isinstance(base[key], dict) != isinstance(value, dict):
+        elif isinstance(base.get(key), dict):
             raise ConfigError(f"{source}: {dotted}: a section in the base file cannot be replaced by a value")
         else:
             base[key] = value

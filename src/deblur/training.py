@@ -373,7 +373,9 @@ class Trainer:
                         bar.write(f"[train] early stop at step {self.step}: no improvement in "
                                   f"{self.cfg.early_stop_patience} validations")
                     return True
-            if not at_end and self._broadcast_flag("signal" in interrupt):
+            # under DDP the flag is shared every log_every steps, not every step (a collective syncs the GPU)
+            check_signal = self.dist.world_size == 1 or self.step % self.cfg.log_every == 0
+            if not at_end and check_signal and self._broadcast_flag("signal" in interrupt):
                 self.save(best=False)
                 raise TrainingInterrupted(
                     f"stopped by {interrupt.get('signal', 'a signal on rank 0')} at step {self.step} of "
