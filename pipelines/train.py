@@ -3,7 +3,8 @@
     python pipelines/train.py --params params.yaml --pairs data/pairs \
         --checkpoints checkpoints --curve reports/train_curve.csv --run-info reports/train_run.json
 
-Run under ``torchrun --nproc_per_node N`` for DistributedDataParallel.
+An unfinished <checkpoints>/last.pt of the same params, data and code is resumed; anything
+else starts fresh and says why. Run under ``torchrun --nproc_per_node N`` for DDP.
 """
 
 from __future__ import annotations
@@ -12,19 +13,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from deblur.cli import fail_cleanly
-from deblur.stages import run_train
+try:
+    from deblur.cli import fail_cleanly
+except ModuleNotFoundError as err:  # stage commands run `python` from PATH
+    sys.exit(f"error: {sys.executable} cannot import the deblur package ({err}); activate the project venv "
+             "(source .venv/bin/activate) or run `make repro`")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deblur.stages.train import run_train
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--pairs", type=Path, required=True, help="synthesize stage output folder")
     parser.add_argument("--checkpoints", type=Path, required=True, help="folder for last.pt and best.pt")
     parser.add_argument("--curve", type=Path, required=True, help="training curve CSV (DVC plot)")
-    parser.add_argument("--run-info", type=Path, required=True, help="JSON with the MLflow run id and model URI")
+    parser.add_argument("--run-info", type=Path, required=True, help="JSON with the MLflow run id and checkpoint")
+    parser.add_argument("--resume-from", type=Path, default=None,
+                        help="continue this unfinished checkpoint even though the code changed "
+                             "(params and data must match); for long runs across code updates")
     args = parser.parse_args(argv)
-    return fail_cleanly(run_train, args.params, args.pairs, args.checkpoints, args.curve, args.run_info)
+    return fail_cleanly(run_train, args.params, args.pairs, args.checkpoints, args.curve, args.run_info,
+                        args.resume_from)
 
 
 if __name__ == "__main__":

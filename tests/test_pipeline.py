@@ -21,7 +21,8 @@ from deblur.config import load_params
 from deblur.data.pairs import read_pairs
 from deblur.evaluation import evaluate_model
 from deblur.checkpoints import model_from_checkpoint
-from deblur.stages import run_register
+from deblur.mlflow_model import log_deblur_model
+from deblur.stages.register import run_register
 from test_training import TRAIN_OVERRIDES
 
 PIPELINE_OVERRIDES = {
@@ -43,9 +44,10 @@ def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 @pytest.fixture
 def project(tmp_path, mlflow_uri):
     """A copy of the repo's pipeline in a fresh git + DVC repo, with tiny params."""
-    for name in ("dvc.yaml", "pipelines", "src", "checkpoints/pretrained"):
+    for name in ("dvc.yaml", "pipelines", "src", "checkpoints/pretrained", "data/photos", "data/GOPRO_Large", ".gitignore"):
         src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name, **({"ignore": shutil.ignore_patterns(
+            "__pycache__")} if src.is_dir() else {}))
     write_params(tmp_path / "params.yaml", PIPELINE_OVERRIDES)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
@@ -119,7 +121,7 @@ def registered_world(tmp_path, mlflow_uri):
     """Tiny data plus a template checkpoint, and a function that logs+evaluates+registers a checkpoint."""
     from deblur.data.ingest import run_ingest
     from deblur.data.synthesize import run_synthesize
-    from deblur.stages import run_evaluate
+    from deblur.stages.evaluate import run_evaluate
     from deblur.training import Trainer
 
     params_file = write_params(tmp_path / "params.yaml", {**PIPELINE_OVERRIDES, "register.min_gain_over_input_db": -100.0,
@@ -130,14 +132,16 @@ def registered_world(tmp_path, mlflow_uri):
 
     def register(checkpoint: Path, tag: str) -> dict:
         with tracking.stage_run("train", params) as run_id:
-            uri = tracking.log_deblur_model(checkpoint, params.tiling)
+            uri = log_deblur_model(checkpoint, params.tiling)
         info = {"run_id": run_id, "model_uri": uri, "checkpoint": str(checkpoint), "data_hash": "x",
                 "params_digest": params.digest()}
         tracking.dump_json(info, tmp_path / f"{tag}_run.json")
         run_evaluate(params_file, tmp_path / f"{tag}_run.json", tmp_path / "pairs", tmp_path / f"{tag}_metrics.json",
-                     tmp_path / f"{tag}.csv", tmp_path / f"{tag}_blur.csv", tmp_path / f"{tag}_trip")
-        return run_register(params_file, tmp_path / f"{tag}_run.json", tmp_path / f"{tag}_metrics.json",
-                            tmp_path / "pairs", tmp_path / f"{tag}_decision.json", tmp_path / "serving")
+                     tmp_path / f"{tag}.csv", tmp_path / f"{tag}_blur.csv", tmp_path / f"{tag}_sharp_in.csv",
+                     tmp_path / f"{tag}_trip")
+        return run_register(params_file, tmp_path / f"{tag}_run.json", tmp_path / f"{tag}.csv",
+                            tmp_path / f"{tag}_sharp_in.csv", tmp_path / "pairs", tmp_path / f"{tag}_decision.json",
+                            tmp_path / "serving")
 
     return tmp_path, params, base, register
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from deblur import tiling
 from deblur.config import TilingConfig
 from deblur.models import build_model, configure_inference
 from deblur.models.common import pad_to_multiple
@@ -96,6 +97,65 @@ def test_feather_ramp_is_positive_and_full_at_image_borders():
     border = feather_ramp(256, 32, ramp_start=False, ramp_end=True)
     assert border[0] == 1.0 and border[-1] < 0.01
     assert torch.equal(feather_ramp(100, 0, True, True), torch.ones(100))
+
+
+def reference_tiled(model: nn.Module, image: torch.Tensor, tile_size: int, overlap: int, align: int) -> torch.Tensor:
+    """Straightforward tiling: pad the whole image, one tile at a time, full-size weight buffer."""
+    height, width = image.shape[-2:]
+    padded = pad_to_multiple(image, align)
+    padded_h, padded_w = padded.shape[-2:]
+    tile_size = max(align, tile_size // align * align)
+    tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
+    ys, xs = tile_starts(padded_h, tile_size, overlap, align), tile_starts(padded_w, tile_size, overlap, align)
+    output = torch.zeros_like(padded)
+    weight = torch.zeros(padded_h, padded_w)
+    with torch.inference_mode():
+        for row, y in enumerate(ys):
+            for col, x in enumerate(xs):
+                ramp_y = feather_ramp(tile_h, overlap, ramp_start=row > 0, ramp_end=row < len(ys) - 1)
+                ramp_x = feather_ramp(tile_w, overlap, ramp_start=col > 0, ramp_end=col < len(xs) - 1)
+                tile_weight = ramp_y[:, None] * ramp_x[None, :]
+                output[..., y:y + tile_h, x:x + tile_w] += model(padded[..., y:y + tile_h, x:x + tile_w]) * tile_weight
+                weight[y:y + tile_h, x:x + tile_w] += tile_weight
+    return (output / weight)[..., :height, :width].clamp(0, 1)
+
+
+@pytest.mark.parametrize("height, width, batch, tile_size, overlap, batch_size, align", [
+    (531, 701, 1, 128, 32, 4, 1),
+    (257, 259, 2, 64, 8, 3, 1),
+    (97, 333, 1, 100, 17, 1, 1),     # one tile of the whole height
+    (301, 457, 1, 128, 32, 2, 4),
+    (611, 613, 1, 288, 32, 1, 16),   # params.yaml tiling on a 16-pixel grid
+    (45, 37, 1, 256, 32, 1, 1),      # one tile in all
+])
+def test_tiled_inference_matches_a_straightforward_reference(height, width, batch, tile_size, overlap,
+                                                             batch_size, align):
+    model = SmallConvNet().eval()
+    image = photo_tensor(height, width, batch)
+    out = tiled_inference(model, image, tile_size, overlap, batch_size, align=align)
+    reference = reference_tiled(model, image, tile_size, overlap, align)
+    assert out.shape == reference.shape
+    assert (out - reference).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("height, width, weight_tiles", [(1500, 2100, 9), (40, 2100, 3), (40, 50, 1)])
+def test_weight_tiles_held_are_bounded_by_the_ramp_kinds_not_the_grid(monkeypatch, height, width, weight_tiles):
+    held: list[tiling.BlendWeights] = []
+
+    class RecordedBlendWeights(tiling.BlendWeights):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            held.append(self)
+
+    monkeypatch.setattr(tiling, "BlendWeights", RecordedBlendWeights)
+    tiled_inference(nn.Identity(), torch.zeros((1, 3, height, width), dtype=torch.uint8), 64, 8, 16)
+    tiles = len(tile_starts(height, 64, 8)) * len(tile_starts(width, 64, 8))
+    (blend,) = held
+    assert len(blend.cache) == weight_tiles
+    assert len({weights.data_ptr() for weights in blend.cache.values()}) == weight_tiles
+    assert sum(weights.numel() for weights in blend.cache.values()) == weight_tiles * blend.tile_h * blend.tile_w
+    if weight_tiles == 9:
+        assert tiles > 1000, f"the grid has only {tiles} tiles"
 
 
 def test_small_conv_net_tiles_match_whole_image_far_above_the_seam_bar():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ from deblur.checkpoints import load_checkpoint, save_atomic
 from deblur.config import load_params
 from deblur.data.ingest import run_ingest
 from deblur.data.synthesize import run_synthesize
-from deblur.stages import run_train
-from deblur.training import Trainer, TrainingError
+from deblur.stages.train import run_train
+from deblur.training import Trainer, TrainingError, resume_key, resume_mismatch, train_data_hash
 
 TRAIN_OVERRIDES = {
     **TINY_OVERRIDES,
@@ -79,9 +80,8 @@ def test_train_stage_writes_checkpoints_curve_and_mlflow_run(tmp_path, pairs_dir
     artifacts = {a.path for a in client.list_artifacts(info["run_id"])}
     assert {"checkpoints", "plots", "val"} <= artifacts
     assert {a.path for a in client.list_artifacts(info["run_id"], "val")} >= {"val/step_000003_0.png"}
-    model = mlflow.pyfunc.load_model(info["model_uri"])
-    inputs = model.metadata.get_input_schema().inputs[0]
-    assert inputs.shape == (-1, -1, 3)
+    assert run.data.tags["data_hash"] == info["data_hash"] == train_data_hash(pairs_dir)
+    assert run.info.run_name == f"train-stacked_conv-{params_with().digest()}"
 
 
 def test_same_params_same_metrics_and_resume_continues_identically(tmp_path, pairs_dir, mlflow_uri):
@@ -114,11 +114,93 @@ def test_same_params_same_metrics_and_resume_continues_identically(tmp_path, pai
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7)
 
 
-def test_resume_refuses_checkpoint_of_other_params(tmp_path, pairs_dir, mlflow_uri):
+def _interrupt_at(trainer: Trainer, step: int) -> None:
+    """Train ``trainer`` to ``step`` and save as an interrupted run would (last.pt, best.pt)."""
+    for blurred, sharp in trainer._loader():
+        trainer.train_step(blurred, sharp)
+        trainer.scheduler.step()
+        trainer.step += 1
+        if trainer.step == step:
+            trainer.save(best=True)
+            return
+
+
+def test_resume_refuses_checkpoint_of_other_params_and_says_which(tmp_path, pairs_dir, mlflow_uri, capsys):
     with tracking.stage_run("train", params_with()):
-        Trainer(params_with(), pairs_dir, tmp_path / "ck").fit()
+        _interrupt_at(Trainer(params_with(), pairs_dir, tmp_path / "ck"), 3)
         other = Trainer(params_with(**{"train.lr": 0.001}), pairs_dir, tmp_path / "ck")
     assert not other.resumed and other.step == 0
+    assert "not resuming" in capsys.readouterr().out and "params changed: train.lr" in \
+        resume_mismatch(load_checkpoint(tmp_path / "ck" / "last.pt")["resume_key"], other.resume_key)[0]
+
+
+def test_finished_run_is_not_resumed_but_interrupted_one_restores_best(tmp_path, pairs_dir, mlflow_uri, capsys):
+    params = params_with()
+    with tracking.stage_run("train", params):
+        Trainer(params, pairs_dir, tmp_path / "done").fit()
+        assert load_checkpoint(tmp_path / "done" / "last.pt")["finished"] is True
+        (tmp_path / "done" / "best.pt").unlink()          # what DVC does before re-running train
+        again = Trainer(params, pairs_dir, tmp_path / "done")
+        assert not again.resumed and again.step == 0
+        assert "it is a finished run (step 6)" in capsys.readouterr().out
+        result = again.fit()
+        assert result.last_step == 6 and (tmp_path / "done" / "best.pt").is_file()
+
+        interrupted = Trainer(params, pairs_dir, tmp_path / "cut")
+        _interrupt_at(interrupted, 3)
+        best = load_checkpoint(tmp_path / "cut" / "best.pt")
+        (tmp_path / "cut" / "best.pt").unlink()
+        resumed = Trainer(params, pairs_dir, tmp_path / "cut")
+        assert resumed.resumed and resumed.step == 3
+        restored = load_checkpoint(tmp_path / "cut" / "best.pt")
+        assert restored["step"] == best["step"] == 3
+        assert all(torch.equal(restored["state_dict"][k], v) for k, v in best["state_dict"].items())
+
+
+def test_resume_key_names_changed_data_and_code(tmp_path, pairs_dir):
+    key = resume_key(params_with(), pairs_dir)
+    assert "src/deblur/losses.py" in key["code"] and "src/deblur/training.py" in key["code"]
+    assert "src/deblur/serving.py" not in key["code"]       # serving code does not change a training run
+    edited = {**key, "code": {**key["code"], "src/deblur/losses.py": "0" * 12}, "data": "other"}
+    assert resume_mismatch(edited, key) == ["the training data changed", "code changed: src/deblur/losses.py"]
+    neutral = resume_key(params_with(**{"train.num_workers": 1, "train.log_every": 5}), pairs_dir)
+    assert resume_mismatch(key, neutral) == []
+
+
+def test_resume_from_continues_across_a_code_change_but_not_other_params(tmp_path, pairs_dir, mlflow_uri):
+    params = params_with()
+    with tracking.stage_run("train", params):
+        _interrupt_at(Trainer(params, pairs_dir, tmp_path / "old"), 3)
+        ckpt = load_checkpoint(tmp_path / "old" / "last.pt")
+        ckpt["resume_key"]["code"]["src/deblur/losses.py"] = "0" * 12
+        save_atomic(ckpt, tmp_path / "old" / "last.pt")
+        assert not Trainer(params, pairs_dir, tmp_path / "old").resumed
+        forced = Trainer(params, pairs_dir, tmp_path / "new", resume_from=tmp_path / "old" / "last.pt")
+        assert forced.resumed and forced.step == 3
+        with pytest.raises(TrainingError, match="params changed: train.lr"):
+            Trainer(params_with(**{"train.lr": 0.001}), pairs_dir, tmp_path / "x",
+                    resume_from=tmp_path / "old" / "last.pt")
+
+
+def test_init_from_of_another_architecture_names_the_checkpoint_that_fits(tmp_path, pairs_dir):
+    wide = params_with(**{"model.stacked_conv": {"channels": 8, "depth": 3}})
+    save_atomic(Trainer(wide, pairs_dir, tmp_path / "a")._state(full=False), tmp_path / "shipped" / "c8.pt")
+    narrow = {"model.stacked_conv": {"channels": 4, "depth": 3}}
+    save_atomic(Trainer(params_with(**narrow), pairs_dir, tmp_path / "b")._state(full=False),
+                tmp_path / "shipped" / "c4.pt")
+    with pytest.raises(TrainingError) as err:
+        Trainer(params_with(**narrow, **{"train.init_from": str(tmp_path / "shipped" / "c8.pt")}), pairs_dir,
+                tmp_path / "ck")
+    message = str(err.value)
+    assert "train.init_from" in message and "c4.pt fits model.stacked_conv" in message
+    assert "train.init_from: null" in message
+
+
+def test_empty_val_split_is_an_error_naming_the_fraction(tmp_path, pairs_dir):
+    shutil.copytree(pairs_dir, tmp_path / "pairs")
+    (tmp_path / "pairs" / "val" / "blur_types.json").write_text("")
+    with pytest.raises(TrainingError, match="val split is empty.*val_fraction"):
+        Trainer(params_with(), tmp_path / "pairs", tmp_path / "ck")
 
 
 def test_non_finite_loss_stops_and_writes_no_checkpoint(tmp_path, pairs_dir, mlflow_uri):

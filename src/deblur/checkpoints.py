@@ -16,9 +16,10 @@ from typing import Any
 import torch
 
 from deblur.config import ModelConfig
+from deblur.errors import DeblurError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DeblurError, RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model."""
 
 
@@ -65,3 +66,20 @@ def model_from_checkpoint(ckpt: dict | str | Path, for_inference: bool = True) -
         model.eval()
         configure_inference(model, cfg, int(ckpt.get("train_patch_size", 256)))
     return model
+
+
+def fitting_checkpoints(cfg: ModelConfig, folder: str | Path) -> list[Path]:
+    """Checkpoints in ``folder`` whose weights load into the model ``cfg`` describes."""
+    from deblur.models import build_model
+
+    shapes = {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+    fits = []
+    for path in sorted(Path(folder).glob("*.pt")):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError:
+            continue
+        theirs = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+        if ckpt["model_config"].get("name") == cfg.name and theirs == shapes:
+            fits.append(path)
+    return fits

@@ -14,10 +14,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from deblur.errors import DeblurError
+
 BLUR_TYPES = ("motion", "gaussian", "defocus", "lens")
 
 
-class ConfigError(ValueError):
+class ConfigError(DeblurError, ValueError):
     """params.yaml is missing, unreadable or invalid; the message names file and key."""
 
 
@@ -133,6 +135,7 @@ class LensConfig(DefocusConfig):
 
 class SynthesizeConfig(_Strict):
     pairs_per_image: int = Field(ge=1)
+    test_pairs_per_image: int = Field(ge=1)
     blur_mix: dict[str, float]
     motion: MotionConfig
     gaussian: RangeSigma
@@ -260,7 +263,10 @@ class EvaluateConfig(_Strict):
 class RegisterConfig(_Strict):
     model_name: str
     margin_db: float = Field(ge=0)
+    confidence: float = Field(gt=0, lt=1)
+    bootstrap_samples: int = Field(ge=100)
     min_gain_over_input_db: float
+    min_pairs_per_blur_type: int = Field(ge=1)
     min_sharp_in_psnr: float
 
 

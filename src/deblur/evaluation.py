@@ -25,6 +25,7 @@ from deblur.progress import progress
 from deblur.tiling import deblur_array
 
 METHODS = ("model", "input", "baseline")
+METHOD_LABELS = {"model": "model", "input": "blurred input", "baseline": "classical (true PSF)"}
 
 
 @dataclass
@@ -113,15 +114,16 @@ def write_per_image_csv(result: EvalResult, path: Path) -> None:
 
 
 def write_per_blur_csv(summary: dict, path: Path) -> None:
-    """Long-format PSNR per blur type and method, for a grouped DVC bar plot."""
+    """Long-format PSNR per blur type and method; ``label`` ("motion: model") gives each bar its own row in DVC."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["blur_type", "method", "psnr"])
+        writer.writerow(["label", "blur_type", "method", "psnr"])
         for blur_type, scores in [("all", summary["overall"]), *summary["per_blur_type"].items()]:
             for method in METHODS:
                 if f"{method}_psnr" in scores:
-                    writer.writerow([blur_type, method, scores[f"{method}_psnr"]])
+                    writer.writerow([f"{blur_type}: {METHOD_LABELS[method]}", blur_type, method,
+                                     scores[f"{method}_psnr"]])
 
 
 def per_blur_figure(summary: dict):
@@ -136,7 +138,7 @@ def per_blur_figure(summary: dict):
     width = 0.27
     for j, method in enumerate(METHODS):
         values = [table[g].get(f"{method}_psnr", np.nan) for g in groups]
-        ax.bar(np.arange(len(groups)) + (j - 1) * width, values, width, label=method)
+        ax.bar(np.arange(len(groups)) + (j - 1) * width, values, width, label=METHOD_LABELS[method])
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_ylabel("PSNR (dB)")
     ax.set_title("Test PSNR per blur type: model vs blurred input vs classical (true PSF)")

@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from deblur.errors import DeblurError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 
 
-class ImageError(ValueError):
+class ImageError(DeblurError, ValueError):
     """An image could not be used; the message names the image and the problem."""
 
 

@@ -8,6 +8,9 @@ logged with; ``params={"tile_size": .., "overlap": ..}`` overrides them per call
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import mlflow.pyfunc
 from mlflow.models import ModelSignature
@@ -56,3 +59,23 @@ class DeblurPyfunc(mlflow.pyfunc.PythonModel):
 
 
 PIP_REQUIREMENTS = ["torch", "numpy", "pillow", "scikit-image", "pydantic", "pyyaml", "tqdm", "mlflow"]
+
+
+def log_deblur_model(checkpoint: str | Path, tiling, name: str = "model") -> str:
+    """Log a checkpoint with its tile settings as a pyfunc model in the active run; returns its model URI."""
+    from deblur.tracking import _mlflow
+
+    _mlflow()
+    with warnings.catch_warnings():
+        # MLflow nags about type hints and input examples; the tensor signature above is explicit
+        warnings.simplefilter("ignore", UserWarning)
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=DeblurPyfunc(),
+            artifacts={"checkpoint": str(checkpoint)},
+            code_paths=[str(Path(__file__).resolve().parent)],
+            signature=SIGNATURE,
+            model_config={"tiling": tiling.model_dump()},
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+    return info.model_uri

@@ -13,9 +13,13 @@ Each tile's prediction is weighted by a separable raised-cosine ramp over ``over
 pixels on every side that faces a neighbour (weight 1 on sides at the image border, never
 exactly 0), accumulated into one preallocated output buffer and divided by the summed
 weight. Because the tile grid is a Cartesian product, the summed weight is the outer
-product of two 1-D sums, so no full-size weight buffer is held. Tiles go through the
-model ``batch_size`` at a time under ``torch.inference_mode``: peak memory is the
-output buffer plus one tile batch, whatever the image size.
+product of two 1-D sums, formed one strip of tile rows at a time for the division, so no
+full-size weight buffer is held. Along an axis a tile is the only one, the first, a
+middle or the last, so there are at most 3 x 3 distinct 2-D weight tiles:
+``BlendWeights`` builds each once, on first use, and reuses it. Tiles go through the
+model ``batch_size`` at a time under ``torch.inference_mode``: peak memory is the output
+buffer plus one tile batch, at most nine weight tiles and one strip of summed weight,
+whatever the image size.
 """
 
 from __future__ import annotations
@@ -72,17 +76,52 @@ def feather_ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) ->
     return weights
 
 
-def _axis_weights(length: int, starts: list[int], tile_len: int,
-                  overlap: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per-tile ramps along one axis and their sum over the whole axis."""
-    ramps = [
-        feather_ramp(tile_len, overlap, ramp_start=i > 0, ramp_end=i < len(starts) - 1)
-        for i in range(len(starts))
-    ]
+RampKind = tuple[bool, bool]  # (ramps at the start, ramps at the end) of a tile along one axis
+
+
+def ramp_kind(index: int, count: int) -> RampKind:
+    """Sides of tile ``index`` of ``count`` along an axis that face a neighbour."""
+    return index > 0, index < count - 1
+
+
+def _axis_total(length: int, starts: list[int], tile_len: int, overlap: int) -> torch.Tensor:
+    """Sum of the tiles' ramps over the whole axis."""
     total = torch.zeros(length, dtype=torch.float32)
-    for start, ramp in zip(starts, ramps):
-        total[start:start + tile_len] += ramp
-    return ramps, total
+    for i, start in enumerate(starts):
+        ramp_start, ramp_end = ramp_kind(i, len(starts))
+        total[start:start + tile_len] += feather_ramp(tile_len, overlap, ramp_start, ramp_end)
+    return total
+
+
+class BlendWeights:
+    """2-D blend weights of a tile grid, built once per (row ramp kind, column ramp kind).
+
+    ``cache`` holds at most 3 x 3 tensors of one tile each, whatever the number of tiles.
+    """
+
+    def __init__(self, tile_h: int, tile_w: int, rows: int, cols: int, overlap: int,
+                 device: torch.device) -> None:
+        self.tile_h, self.tile_w, self.rows, self.cols = tile_h, tile_w, rows, cols
+        self.overlap, self.device = overlap, device
+        self.cache: dict[tuple[RampKind, RampKind], torch.Tensor] = {}
+
+    def tile(self, row: int, col: int) -> torch.Tensor:
+        """Weights of the tile at grid position (``row``, ``col``), shape (tile_h, tile_w)."""
+        key = ramp_kind(row, self.rows), ramp_kind(col, self.cols)
+        if key not in self.cache:
+            ramp_y = feather_ramp(self.tile_h, self.overlap, *key[0])
+            ramp_x = feather_ramp(self.tile_w, self.overlap, *key[1])
+            self.cache[key] = (ramp_y[:, None] * ramp_x[None, :]).to(self.device)
+        return self.cache[key]
+
+
+def _divide_by_total(output: torch.Tensor, total_y: torch.Tensor, total_x: torch.Tensor, strip_rows: int) -> None:
+    """``output /= total_y[:, None] * total_x[None, :]`` in place, ``strip_rows`` rows of the product at a time."""
+    height, width = output.shape[-2:]
+    total_x = total_x[None, :width].to(output.device)
+    for top in range(0, height, strip_rows):
+        bottom = min(top + strip_rows, height)
+        output[..., top:bottom, :] /= total_y[top:bottom, None].to(output.device) * total_x
 
 
 def _batches(tiles: list[Tile], batch_size: int) -> Iterator[list[Tile]]:
@@ -145,9 +184,8 @@ def tiled_inference(
     padded_h, padded_w = _round_up(height, align), _round_up(width, align)
     tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
     ys, xs = tile_starts(padded_h, tile_size, overlap, align), tile_starts(padded_w, tile_size, overlap, align)
-    ramps_y, total_y = _axis_weights(padded_h, ys, tile_h, overlap)
-    ramps_x, total_x = _axis_weights(padded_w, xs, tile_w, overlap)
-    blend = [[(ry[:, None] * rx[None, :]).to(device) for rx in ramps_x] for ry in ramps_y]
+    total_y, total_x = _axis_total(padded_h, ys, tile_h, overlap), _axis_total(padded_w, xs, tile_w, overlap)
+    blend = BlendWeights(tile_h, tile_w, len(ys), len(xs), overlap, device)
     tiles = [Tile(b, y, x, r, c) for b in range(n) for r, y in enumerate(ys) for c, x in enumerate(xs)]
 
     output = torch.zeros((n, 3, height, width), dtype=torch.float32, device=device)
@@ -161,9 +199,9 @@ def tiled_inference(
                                    f"{tuple(inputs.shape)}")
             for t, pred in zip(batch, preds.float()):
                 valid_h, valid_w = min(tile_h, height - t.y), min(tile_w, width - t.x)
-                weights = blend[t.row][t.col][:valid_h, :valid_w]
+                weights = blend.tile(t.row, t.col)[:valid_h, :valid_w]
                 output[t.image, :, t.y:t.y + valid_h, t.x:t.x + valid_w] += pred[:, :valid_h, :valid_w] * weights
-        output /= (total_y[:height, None] * total_x[None, :width]).to(device)
+        _divide_by_total(output, total_y, total_x, tile_h)
         output.clamp_(0.0, 1.0)
     return output
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
-import warnings
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -35,10 +35,17 @@ def _mlflow():
     return mlflow
 
 
+# Written by the pipeline itself: a change there does not make the code differ from the commit.
+PIPELINE_OUTPUTS = ("dvc.lock", "reports", "function_app/model")
+
+
 def git_commit() -> str:
+    """HEAD, with ``-dirty`` when tracked files other than pipeline outputs differ from it."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+        excluded = [f":(exclude){path}" for path in PIPELINE_OUTPUTS]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+                               capture_output=True, text=True)
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -77,14 +84,16 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...] = (), tags: 
               run_name: str | None = None, parent_run_id: str | None = None) -> Iterator[str]:
     """Open an MLflow run for one pipeline stage; yields the run id.
 
-    ``sections``: which params.yaml sections to log as params (``seed`` always is).
+    ``sections``: the params.yaml sections or dotted keys to log as params (``deblur.stages.spec``).
     """
+    from deblur.stages.spec import logged_param
+
     mlflow = _mlflow()
     launched_by_mlflow_run = bool(os.environ.get("MLFLOW_RUN_ID"))  # `mlflow run` made the run (and chose its experiment)
     if not launched_by_mlflow_run:
         mlflow.set_experiment(params.tracking.experiment)
     flat = params.flat()
-    logged = {k: v for k, v in flat.items() if k == "seed" or k.split(".")[0] in sections}
+    logged = {k: v for k, v in flat.items() if logged_param(k, ("seed", *sections))}
     all_tags = {
         "stage": stage,
         "pipeline_id": pipeline_id(),
@@ -92,7 +101,7 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...] = (), tags: 
         "params_digest": params.digest(),
         **(tags or {}),
     }
-    if parent_run_id and not launched_by_mlflow_run:
+    if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_name=run_name or stage, tags=all_tags) as run:
         # MLflow caps one log_params batch at 100 entries
@@ -105,6 +114,18 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...] = (), tags: 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
     _mlflow().log_metrics(clean, step=step)
+
+
+def log_metrics_to_run(run_id: str, metrics: dict[str, float]) -> None:
+    """Log metrics to another (finished) run, e.g. test scores onto the train run they belong to."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k.replace("@", "_at_"), float(v), now, 0) for k, v in metrics.items()
+             if v is not None and np.isfinite(v)]
+    client = _mlflow().MlflowClient()
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i:i + 1000])
 
 
 def end_active_run(status: str) -> None:
@@ -153,31 +174,6 @@ def dump_json(obj, path: str | Path) -> None:
 
 
 # --- models and the registry ------------------------------------------------------------
-
-def log_deblur_model(checkpoint: str | Path, tiling, name: str = "model") -> str:
-    """Log a checkpoint as an MLflow pyfunc model (any image size); returns its model URI."""
-    mlflow = _mlflow()
-    package_dir = Path(__file__).resolve().parent
-    with warnings.catch_warnings():
-        # MLflow nags about type hints and input examples; the tensor signature below is explicit
-        warnings.simplefilter("ignore", UserWarning)
-        info = _log_pyfunc(mlflow, name, checkpoint, package_dir, tiling)
-    return info.model_uri
-
-
-def _log_pyfunc(mlflow, name, checkpoint, package_dir, tiling):
-    from deblur.mlflow_model import PIP_REQUIREMENTS, SIGNATURE, DeblurPyfunc
-
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=DeblurPyfunc(),
-        artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(package_dir)],
-        signature=SIGNATURE,
-        model_config={"tiling": tiling.model_dump()},
-        pip_requirements=PIP_REQUIREMENTS,
-    )
-
 
 def register_model_version(model_uri: str, name: str, tags: dict) -> str:
     """Register ``model_uri`` under ``name``; returns the new version number."""

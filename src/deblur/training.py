@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from deblur import tracking, viz
-from deblur.checkpoints import load_checkpoint, save_atomic
+from deblur.errors import DeblurError
+from deblur.checkpoints import fitting_checkpoints, load_checkpoint, save_atomic
 from deblur.config import Params
 from deblur.data.datasets import OnTheFlyPatches, PairPatches, StepSampler, to_tensor, to_uint8
 from deblur.data.pairs import read_pairs
@@ -39,11 +40,9 @@ from deblur.losses import CompositeLoss
 from deblur.metrics import psnr, ssim
 from deblur.models import build_model, configure_inference, count_parameters
 from deblur.progress import progress
+from deblur.stages.spec import RESUME_NEUTRAL_TRAIN_KEYS, STAGES, code_digests, params_subset
 
-TRAIN_SECTIONS = ("seed", "model", "loss", "train", "synthesize")
-
-
-class TrainingError(RuntimeError):
+class TrainingError(DeblurError, RuntimeError):
     """Training cannot go on (non-finite loss, bad init checkpoint, no data)."""
 
 
@@ -98,15 +97,45 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_digest(params: Params) -> str:
-    """Hash of what determines a training run; a resume is only allowed when it matches."""
-    import hashlib
-    import json
+def train_data_hash(pairs_dir: Path) -> str:
+    """Digest of every file of the train and val splits (the pairs the run learns and validates on)."""
+    files = sorted(p for split in ("train", "val") for p in (Path(pairs_dir) / split).rglob("*") if p.is_file())
+    return tracking.files_digest(files)
 
-    dump = params.model_dump(mode="json", by_alias=True)
-    relevant = {k: dump[k] for k in TRAIN_SECTIONS}
-    relevant["train"] = {k: v for k, v in relevant["train"].items() if k not in ("num_workers", "log_every")}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+def resume_key(params: Params, pairs_dir: Path) -> dict:
+    """What a training run's result depends on: the params it reads, its data, its code."""
+    relevant = params_subset(params.model_dump(mode="json", by_alias=True), STAGES["train"].params)
+    relevant["train"] = {k: v for k, v in relevant["train"].items() if k not in RESUME_NEUTRAL_TRAIN_KEYS}
+    return {"params": relevant, "data": train_data_hash(pairs_dir), "code": code_digests("train")}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_mismatch(saved: dict | None, current: dict) -> list[str]:
+    """Why a checkpoint with resume key ``saved`` is not a run of ``current``; empty when it is."""
+    if not saved:
+        return ["it has no resume key (written by an older version)"]
+    reasons = []
+    old, new = _flatten(saved.get("params", {})), _flatten(current["params"])
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        reasons.append("params changed: " + ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
+    if saved.get("data") != current["data"]:
+        reasons.append("the training data changed")
+    old_code, new_code = saved.get("code", {}), current["code"]
+    code = sorted(k for k in old_code.keys() | new_code.keys() if old_code.get(k) != new_code.get(k))
+    if code:
+        reasons.append("code changed: " + ", ".join(code[:4]) + (" ..." if len(code) > 4 else ""))
+    return reasons
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -127,7 +156,8 @@ def init_distributed() -> Dist:
 
 
 class Trainer:
-    def __init__(self, params: Params, pairs_dir: Path, checkpoint_dir: Path, dist_info: Dist | None = None) -> None:
+    def __init__(self, params: Params, pairs_dir: Path, checkpoint_dir: Path, dist_info: Dist | None = None,
+                 resume_from: Path | None = None) -> None:
         self.params = params
         self.cfg = params.train
         self.pairs_dir = Path(pairs_dir)
@@ -153,10 +183,17 @@ class Trainer:
         self.bad_validations = 0
         self.skipped_steps = 0
         self.history: list[dict] = []
-        self.digest = train_digest(params)
+        self.finished = False
+        self.best_checkpoint: dict | None = None
+        self.digest = params.digest()
+        self.resume_key = resume_key(params, self.pairs_dir)
 
         self.val_records = read_pairs(self.pairs_dir, "val")[: self.cfg.val_max_images]
-        self.resumed = self._maybe_resume()
+        if not self.val_records:
+            raise TrainingError(f"{self.pairs_dir / 'val'}: the val split is empty, so training cannot be validated; "
+                                "give ingest a non-zero val fraction (ingest.folder.val_fraction, "
+                                "ingest.embedded.val_fraction or ingest.gopro.val_sequences) or add images")
+        self.resumed = self._resume_forced(Path(resume_from)) if resume_from else self._maybe_resume()
         if not self.resumed and self.cfg.init_from:
             self._init_from(Path(self.cfg.init_from))
 
@@ -185,9 +222,12 @@ class Trainer:
             "best_psnr": self.best_psnr,
             "best_step": self.best_step,
             "params_digest": self.digest,
+            "resume_key": self.resume_key,
         }
         if full:
             state.update(
+                finished=self.finished,
+                best_checkpoint=self.best_checkpoint,
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(),
                 bad_validations=self.bad_validations,
@@ -204,18 +244,41 @@ class Trainer:
             return
         if not self._weights_finite():
             raise TrainingError(f"step {self.step}: weights are not finite; refusing to write a broken checkpoint")
-        save_atomic(self._state(full=True), self.last_path)
         if best:
-            save_atomic(self._state(full=False), self.best_path)
+            self.best_checkpoint = self._state(full=False)
+            save_atomic(self.best_checkpoint, self.best_path)
+        save_atomic(self._state(full=True), self.last_path)
 
     def _maybe_resume(self) -> bool:
+        """Resume ``last.pt`` only if it is an unfinished run of the same params, data and code."""
         if not self.last_path.exists():
             return False
         ckpt = load_checkpoint(self.last_path)
-        if ckpt.get("params_digest") != self.digest:
-            if self.dist.is_main:
-                print(f"[train] {self.last_path} was made with other params; starting fresh")
+        if ckpt.get("finished"):
+            reasons = [f"it is a finished run (step {ckpt['step']})"]
+        else:
+            reasons = resume_mismatch(ckpt.get("resume_key"), self.resume_key)
+        if reasons:
+            self._say(f"[train] not resuming {self.last_path}: {'; '.join(reasons)}; starting fresh")
             return False
+        self._load_training_state(ckpt, self.last_path)
+        return True
+
+    def _resume_forced(self, path: Path) -> bool:
+        """``--resume-from``: continue ``path`` although the code changed; params and data must match."""
+        ckpt = load_checkpoint(path)
+        if ckpt.get("finished") or int(ckpt["step"]) >= self.cfg.max_steps:
+            raise TrainingError(f"--resume-from {path}: that run already finished (step {ckpt['step']})")
+        reasons = [r for r in resume_mismatch(ckpt.get("resume_key"), self.resume_key)
+                   if not r.startswith("code changed")]
+        if ckpt.get("resume_key") is None:
+            self._say(f"[train] {path} has no resume key; trusting --resume-from")
+        elif reasons:
+            raise TrainingError(f"--resume-from {path}: {'; '.join(reasons)}")
+        self._load_training_state(ckpt, path)
+        return True
+
+    def _load_training_state(self, ckpt: dict, path: Path) -> None:
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -224,27 +287,35 @@ class Trainer:
         self.best_step = int(ckpt["best_step"])
         self.bad_validations = int(ckpt.get("bad_validations", 0))
         self.history = list(ckpt.get("history", []))
+        self.best_checkpoint = ckpt.get("best_checkpoint")
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
+        if self.best_checkpoint is not None and not self.best_path.exists() and self.dist.is_main:
+            save_atomic(self.best_checkpoint, self.best_path)   # DVC removes best.pt before re-running train
+        self._say(f"[train] resumed from {path} at step {self.step}")
+
+    def _say(self, line: str) -> None:
         if self.dist.is_main:
-            print(f"[train] resumed from {self.last_path} at step {self.step}")
-        return True
+            print(line, flush=True)
 
     def _init_from(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
-        if ckpt["model_config"].get("name") != self.params.model.name:
-            raise TrainingError(f"train.init_from {path}: holds a {ckpt['model_config'].get('name')!r} model, "
-                                f"but model.name is {self.params.model.name!r}")
         state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+        name = self.params.model.name
         try:
+            if ckpt["model_config"].get("name") != name:
+                raise RuntimeError(f"it holds a {ckpt['model_config'].get('name')!r} model, but model.name is {name!r}")
             self.model.load_state_dict(state)
         except RuntimeError as err:
-            raise TrainingError(f"train.init_from {path}: weights do not fit the model in params.yaml "
-                                f"(model.{self.params.model.name}): {str(err).splitlines()[0]}") from err
-        if self.dist.is_main:
-            print(f"[train] initialised weights from {path}")
+            fits = fitting_checkpoints(self.params.model, path.parent)
+            hint = (f"{', '.join(str(p) for p in fits)} fits model.{name} as configured: set train.init_from to it"
+                    if fits else f"no checkpoint in {path.parent} fits model.{name} as configured")
+            raise TrainingError(f"train.init_from {path}: weights do not fit the model in params "
+                                f"({str(err).splitlines()[0][:200]}). {hint}, or set train.init_from: null "
+                                "to train from random weights") from err
+        self._say(f"[train] initialised weights from {path}")
 
     # --- data ----------------------------------------------------------------------------
     def _dataset(self):
@@ -328,8 +399,6 @@ class Trainer:
         main = self.dist.is_main
         if main:
             tracking.log_metrics({"parameters": count_parameters(self.model)})
-        if self.step >= self.cfg.max_steps:
-            return self._result(stopped_early=False)
         bar = progress(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not main)
         interrupt: dict = {}
         try:
@@ -337,6 +406,8 @@ class Trainer:
                 stopped_early = self._loop(bar, interrupt)
         finally:
             bar.close()
+        self.finished = True
+        self.save(best=False)   # marks last.pt finished: a later run with the same inputs starts fresh
         return self._result(stopped_early)
 
     def _loop(self, bar, interrupt: dict) -> bool:

@@ -84,9 +84,10 @@ def apply_blur(sharp: np.ndarray, spec: BlurSpec, cfg: SynthesizeConfig, rng: np
     return np.clip(np.round(encoded * 255.0), 0, 255).astype(np.uint8)
 
 
-def blur_pair(sharp: np.ndarray, rng: np.random.Generator, cfg: SynthesizeConfig) -> tuple[np.ndarray, BlurSpec]:
-    """(blurred uint8 image, its BlurSpec) for a uint8 sharp image; pure function of ``rng``."""
-    spec = sample_blur(rng, cfg)
+def blur_pair(sharp: np.ndarray, rng: np.random.Generator, cfg: SynthesizeConfig,
+              blur_type: str | None = None) -> tuple[np.ndarray, BlurSpec]:
+    """(blurred uint8 image, its BlurSpec) for a uint8 sharp image; pure function of ``rng`` (and ``blur_type``)."""
+    spec = sample_blur(rng, cfg, blur_type)
     return apply_blur(sharp, spec, cfg, rng), spec
 
 

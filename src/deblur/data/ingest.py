@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from deblur.errors import DeblurError
 from deblur.config import EmbeddedConfig, FolderConfig, GoproConfig, Params
 from deblur.data.deadleaves import dead_leaves, palette_from_photos
 from deblur.data.pairs import SPLITS
@@ -40,7 +41,7 @@ SKIPPED_NAME = "skipped.jsonl"
 log = logging.getLogger(__name__)
 
 
-class IngestError(ValueError):
+class IngestError(DeblurError, ValueError):
     """The source data cannot be ingested; the message names the file, folder or params key."""
 
 
@@ -82,11 +83,28 @@ def run_ingest(params: Params, out_dir: Path) -> Path:
             rows, skipped = ingest_embedded(cfg.embedded, params.seed, staging, out_dir), []
         else:
             raise IngestError(f"ingest.source: unknown source {cfg.source!r}; known: embedded, folder, gopro")
+        check_splits_filled(rows, cfg)
         write_manifest(rows, staging / MANIFEST_NAME)
         write_jsonl([json.dumps(asdict(s), sort_keys=True) for s in skipped], staging / SKIPPED_NAME)
     counts = {split: sum(r.split == split for r in rows) for split in SPLITS}
     log.info("ingested %d images from %s %s; skipped %d", len(rows), cfg.source, counts, len(skipped))
     return out_dir / MANIFEST_NAME
+
+
+def check_splits_filled(rows: list[ManifestRow], cfg) -> None:
+    """A split asked for (non-zero fraction) that came out empty is an error naming the key to change."""
+    keys = {"folder": {"val": ("ingest.folder.val_fraction", cfg.folder.val_fraction),
+                       "test": ("ingest.folder.test_fraction", cfg.folder.test_fraction)},
+            "gopro": {"val": ("ingest.gopro.val_sequences", cfg.gopro.val_sequences)},
+            "embedded": {"val": ("ingest.embedded.val_fraction", cfg.embedded.val_fraction)}}[cfg.source]
+    counts = Counter(r.split for r in rows)
+    if not counts["train"]:
+        raise IngestError(f"ingest.source {cfg.source}: all {len(rows)} images went to val/test, none to train; "
+                          "lower the val/test fractions or add images")
+    for split, (key, value) in keys.items():
+        if value and not counts[split]:
+            raise IngestError(f"{key}: {value} of {len(rows)} images gave an empty {split} split; "
+                              f"raise {key} or add images")
 
 
 # --- manifest ------------------------------------------------------------------------------

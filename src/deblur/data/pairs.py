@@ -14,11 +14,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from deblur.errors import DeblurError
+
 SPLITS = ("train", "val", "test")
 INDEX_NAME = "blur_types.json"
 
 
-class PairsError(ValueError):
+class PairsError(DeblurError, ValueError):
     """A pairs folder or split is missing or inconsistent; the message names the file."""
 
 

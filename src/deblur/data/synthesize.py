@@ -1,8 +1,10 @@
 """Stage synthesize: blurred/sharp pairs from the ingest manifest (layout: ``deblur.data.pairs``).
 
-Each sharp image gets ``synthesize.pairs_per_image`` synthetic blurs, pair ``<name>_<k>``
-drawn from a generator fixed by (seed, pair id), so the output does not depend on processing
-order. GoPro rows already hold a real blurred partner: they pass through as blur type ``real``
+Each sharp image gets ``synthesize.pairs_per_image`` synthetic blurs (``test_pairs_per_image``
+in the test split), pair ``<name>_<k>`` drawn from a generator fixed by (seed, pair id), so the
+output does not depend on processing order. Train and val blur types are drawn by
+``blur_mix``; test pairs take the blur types with a non-zero share in turn, from an offset
+fixed by (seed, image name), so every blur type is tested on every few images. GoPro rows already hold a real blurred partner: they pass through as blur type ``real``
 (hard-linked when possible, else copied) with no kernel. Like ingest, the output folder appears
 complete or not at all.
 """
@@ -75,9 +77,16 @@ def run_synthesize(params: Params, manifest_path: Path, out_dir: Path) -> Synthe
 def _synthetic_pairs(row: ManifestRow, params: Params, split_dir: Path):
     """Yield (index entry, PSNR of blurred vs sharp) for each synthetic pair of ``row``."""
     sharp = _read_checked(row)
-    for k in range(params.synthesize.pairs_per_image):
+    cfg = params.synthesize
+    if row.split == "test":
+        types = [t for t in BLUR_TYPES if cfg.blur_mix.get(t, 0) > 0]
+        offset = int(derive_rng(params.seed, "test-blur-types", row.name).integers(len(types)))
+        chosen = [types[(offset + k) % len(types)] for k in range(cfg.test_pairs_per_image)]
+    else:
+        chosen = [None] * cfg.pairs_per_image
+    for k, blur_type in enumerate(chosen):
         pair_id = f"{row.name}_{k}"
-        blurred, spec = blur_pair(sharp, derive_rng(params.seed, "synthesize", pair_id), params.synthesize)
+        blurred, spec = blur_pair(sharp, derive_rng(params.seed, "synthesize", pair_id), cfg, blur_type)
         clear_file, blur_file, kernel_file = (f"clear_images/{pair_id}.png", f"blur_images/{pair_id}.png",
                                               f"kernels/{pair_id}.npy")
         place_png(Path(row.path), split_dir / clear_file)

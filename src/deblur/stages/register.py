@@ -1,0 +1,172 @@
+"""Stage register: gather the gate's evidence, decide, write the registry, export the champion.
+
+Three steps, each its own function: ``gather_evidence`` (the challenger's per-image scores from
+evaluate, the current champion and, when there is none, the ``train.init_from`` checkpoint
+re-scored on the same test pairs), ``record_in_registry`` (a model version, aliases, the reasons
+as tags and metrics) and ``export_champion`` (the serving artifact of whichever model is
+champion afterwards). ``deblur.gate`` decides in between.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from deblur import tracking
+from deblur.config import Params, load_params
+from deblur.gate import Decision, GateConfig, PairedScores, decide
+from deblur.stages.evaluate import evaluation_inputs, load_run_info, read_sharp_in_csv
+from deblur.stages.spec import STAGES
+
+
+@dataclass
+class Evidence:
+    challenger: PairedScores
+    input: PairedScores
+    sharp_in: list[float]
+    champion: PairedScores | None = None
+    champion_version: object | None = None       # mlflow ModelVersion
+    champion_checkpoint: Path | None = None
+    init_from: PairedScores | None = None
+    init_from_path: str | None = None
+
+
+def gate_config(params: Params) -> GateConfig:
+    cfg = params.registration
+    return GateConfig(margin_db=cfg.margin_db, confidence=cfg.confidence, bootstrap_samples=cfg.bootstrap_samples,
+                      min_gain_over_input_db=cfg.min_gain_over_input_db,
+                      min_pairs_per_blur_type=cfg.min_pairs_per_blur_type,
+                      min_sharp_in_psnr=cfg.min_sharp_in_psnr, seed=params.seed)
+
+
+def read_per_image(path: Path) -> tuple[PairedScores, PairedScores]:
+    """The model's and the blurred input's per-image PSNR from evaluate's per-image CSV."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise FileNotFoundError(f"{path}: no test images were scored; the test split is empty")
+    ids, types = tuple(r["id"] for r in rows), tuple(r["blur_type"] for r in rows)
+    return (PairedScores(ids, types, tuple(float(r["model_psnr"]) for r in rows)),
+            PairedScores(ids, types, tuple(float(r["input_psnr"]) for r in rows)))
+
+
+def _rescore(checkpoint, params: Params, records, desc: str) -> PairedScores:
+    from deblur.checkpoints import model_from_checkpoint
+    from deblur.evaluation import evaluate_model
+
+    result = evaluate_model(model_from_checkpoint(checkpoint), records, params.tiling, params.evaluate,
+                            params.synthesize.gamma, with_baseline=False, desc=desc)
+    return PairedScores(tuple(r.id for r in result.images), tuple(r.blur_type for r in result.images),
+                        tuple(r.scores["model_psnr"] for r in result.images))
+
+
+def gather_evidence(params: Params, per_image_path: Path, sharp_in_path: Path, pairs_dir: Path,
+                    download_dir: Path) -> Evidence:
+    challenger, input_scores = read_per_image(per_image_path)
+    evidence = Evidence(challenger, input_scores, read_sharp_in_csv(sharp_in_path))
+    records, _ = evaluation_inputs(pairs_dir, params.evaluate)
+    name = params.registration.model_name
+    champion = tracking.version_by_alias(name, "champion")
+    if champion is not None:
+        evidence.champion_version = champion
+        evidence.champion_checkpoint = tracking.download_checkpoint(f"models:/{name}/{champion.version}", download_dir)
+        evidence.champion = _rescore(evidence.champion_checkpoint, params, records, "re-score champion")
+    elif params.train.init_from and Path(params.train.init_from).is_file():
+        evidence.init_from_path = params.train.init_from
+        evidence.init_from = _rescore(Path(params.train.init_from), params, records, "score train.init_from")
+    return evidence
+
+
+def record_in_registry(params: Params, info: dict, decision: Decision, evidence: Evidence) -> str:
+    """Log the model (checkpoint + tiling) in the active run, register it, set aliases and reasons."""
+    from deblur.mlflow_model import log_deblur_model
+
+    name = params.registration.model_name
+    model_uri = log_deblur_model(info["checkpoint"], params.tiling)
+    tags = {"git_commit": tracking.git_commit(), "data_hash": info["data_hash"], "params_digest": info["params_digest"],
+            "train_run_id": info["run_id"], "test_psnr": round(sum(evidence.challenger.psnr) / len(evidence.challenger.psnr), 4),
+            "test_input_psnr": round(sum(evidence.input.psnr) / len(evidence.input.psnr), 4),
+            "sharp_in_min_psnr": min(evidence.sharp_in) if evidence.sharp_in else None}
+    if info.get("dvc_experiment"):
+        tags["dvc_experiment"] = info["dvc_experiment"]
+    version = tracking.register_model_version(model_uri, name, tags)
+    tracking.set_alias(name, "challenger", version)
+    if decision.promote:
+        tracking.set_alias(name, "champion", version)
+    check_tags = {f"gate.{c.name}": ("passed: " if c.passed else "failed: ") + c.detail for c in decision.checks}
+    tracking.set_version_tags(name, version, {"gate": decision.reason, **check_tags})
+    metrics = {"promoted": float(decision.promote)}
+    for check in decision.checks:
+        key = check.name.replace(":", "_")
+        metrics[f"gate_{key}_passed"] = float(check.passed)
+        metrics.update({f"gate_{key}_{k}": v for k, v in check.values.items() if isinstance(v, (int, float))})
+    tracking.log_metrics(metrics)
+    tracking.set_tags({"decision": decision.reason, "registered_version": version})
+    return version
+
+
+def export_champion(params: Params, info: dict, decision: Decision, version: str, evidence: Evidence,
+                    serving_dir: Path) -> str | None:
+    """Export the serving artifact of the champion after this decision; returns its version (None: no champion)."""
+    from deblur.serving import export_serving_artifact
+
+    name = params.registration.model_name
+    if decision.promote:
+        checkpoint, served, run_id, psnr = Path(info["checkpoint"]), version, info["run_id"], evidence.challenger.psnr
+    elif evidence.champion_checkpoint is not None:
+        champion = evidence.champion_version
+        checkpoint, served = evidence.champion_checkpoint, str(champion.version)
+        run_id, psnr = champion.tags.get("train_run_id", champion.run_id), evidence.champion.psnr
+    else:
+        serving_dir.mkdir(parents=True, exist_ok=True)
+        for old in serving_dir.iterdir():
+            if old.is_file():
+                old.unlink()
+        (serving_dir / "NO_CHAMPION.txt").write_text(
+            "No model has passed the promotion gate yet; see reports/registered_model.json.\n")
+        return None
+    export_serving_artifact(checkpoint, serving_dir, {
+        "model_name": name, "version": served, "alias": "champion", "model_uri": f"models:/{name}/{served}",
+        "run_id": run_id, "metrics": {"test_psnr": round(sum(psnr) / len(psnr), 4),
+                                      "test_input_psnr": round(sum(evidence.input.psnr) / len(evidence.input.psnr), 4)}},
+        tiling=params.tiling, serving=params.serving)
+    return served
+
+
+def run_register(params_path: Path, run_info_path: Path, per_image_path: Path, sharp_in_path: Path, pairs_dir: Path,
+                 decision_path: Path, serving_dir: Path) -> dict:
+    params = load_params(params_path)
+    info = load_run_info(run_info_path)
+    name = params.registration.model_name
+    with tempfile.TemporaryDirectory() as tmp:
+        evidence = gather_evidence(params, per_image_path, sharp_in_path, pairs_dir, Path(tmp))
+        champion = evidence.champion_version
+        decision = decide(evidence.challenger, evidence.input, evidence.sharp_in, evidence.champion, evidence.init_from,
+                          gate_config(params), champion_label=f"champion v{champion.version}" if champion else "champion",
+                          init_label=f"train.init_from {evidence.init_from_path}")
+        with tracking.stage_run("register", params, sections=STAGES["register"].params, parent_run_id=info["run_id"],
+                                tags={"data_hash": info["data_hash"], "train_run_id": info["run_id"]}):
+            version = record_in_registry(params, info, decision, evidence)
+            served = export_champion(params, info, decision, version, evidence, serving_dir)
+            n = len(evidence.challenger.psnr)
+            record = {
+                "model_name": name, "version": version, "promoted": decision.promote, "reason": decision.reason,
+                "checks": decision.as_dict()["checks"], "n_test_pairs": n,
+                "challenger_psnr": round(sum(evidence.challenger.psnr) / n, 4),
+                "input_psnr": round(sum(evidence.input.psnr) / n, 4),
+                "sharp_in_min_psnr": min(evidence.sharp_in) if evidence.sharp_in else None,
+                "previous_champion_version": str(champion.version) if champion else None,
+                "previous_champion_psnr": round(sum(evidence.champion.psnr) / n, 4) if evidence.champion else None,
+                "init_from": evidence.init_from_path,
+                "init_from_psnr": round(sum(evidence.init_from.psnr) / n, 4) if evidence.init_from else None,
+                "challenger_uri": f"models:/{name}/{version}",
+                "champion_uri": f"models:/{name}@champion" if served else None,
+                "champion_version": served,
+                "serving_artifact": str(serving_dir) if served else None,
+                "tracking_uri": tracking.tracking_uri(),
+            }
+            tracking.log_dict(record, "registration.json")
+    tracking.dump_json(record, decision_path)
+    return record

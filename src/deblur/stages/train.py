@@ -1,0 +1,63 @@
+"""Stage train: fit the model in params on the synthesize stage's pairs, logged to MLflow."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from deblur import tracking
+from deblur.config import load_params
+from deblur.stages.spec import STAGES
+from deblur.training import (Trainer, TrainingError, TrainingInterrupted, curve_figure, init_distributed,
+                             write_curve)
+
+
+def run_train(params_path: Path, pairs_dir: Path, checkpoint_dir: Path, curve_path: Path, run_info_path: Path,
+              resume_from: Path | None = None) -> dict:
+    params = load_params(params_path)
+    dist_info = init_distributed()
+    if not dist_info.is_main:
+        Trainer(params, pairs_dir, checkpoint_dir, dist_info, resume_from).fit()
+        _close_distributed(dist_info)
+        return {}
+
+    experiment = os.environ.get("DVC_EXP_NAME")
+    tags = {"device": params.train.device, "torch_version": torch.__version__, "python": platform.python_version(),
+            "model": params.model.name, "world_size": dist_info.world_size}
+    if experiment:
+        tags["dvc_experiment"] = experiment
+    run_name = f"train-{params.model.name}-{experiment or params.digest()}"
+    with tracking.stage_run("train", params, sections=STAGES["train"].params, tags=tags, run_name=run_name) as run_id:
+        trainer = Trainer(params, pairs_dir, checkpoint_dir, dist_info, resume_from)
+        data_hash = trainer.resume_key["data"]
+        tracking.set_tags({"device": str(trainer.device), "resumed": trainer.resumed, "data_hash": data_hash})
+        try:
+            result = trainer.fit()
+        except TrainingInterrupted:
+            tracking.set_tags({"interrupted_at_step": trainer.step})
+            tracking.end_active_run("KILLED")
+            raise
+        if not trainer.best_path.exists():
+            raise TrainingError(f"{trainer.best_path}: training produced no best checkpoint (no finite validation)")
+        write_curve(result.history, curve_path)
+        tracking.log_artifact(curve_path, "plots")
+        tracking.log_figure(curve_figure(result.history), "plots/training_curve.png")
+        tracking.log_artifact(trainer.best_path, "checkpoints")
+        tracking.log_metrics({"best_val_psnr": result.best_psnr, "best_step": result.best_step,
+                              "stopped_early": float(result.stopped_early)})
+        info = {"run_id": run_id, "checkpoint": str(trainer.best_path), "best_val_psnr": result.best_psnr,
+                "best_step": result.best_step, "last_step": result.last_step, "data_hash": data_hash,
+                "params_digest": params.digest(), "dvc_experiment": experiment}
+    tracking.dump_json(info, run_info_path)
+    _close_distributed(dist_info)
+    return info
+
+
+def _close_distributed(dist_info) -> None:
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
