@@ -254,10 +254,9 @@ class Trainer:
         if not self.last_path.exists():
             return False
         ckpt = load_checkpoint(self.last_path)
+        reasons = resume_mismatch(ckpt.get("resume_key"), self.resume_key)
         if ckpt.get("finished"):
-            reasons = [f"it is a finished run (step {ckpt['step']})"]
-        else:
-            reasons = resume_mismatch(ckpt.get("resume_key"), self.resume_key)
+            reasons.insert(0, f"it is a finished run (step {ckpt['step']})")
         if reasons:
             self._say(f"[train] not resuming {self.last_path}: {'; '.join(reasons)}; starting fresh")
             return False
