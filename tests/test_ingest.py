@@ -113,7 +113,8 @@ def test_folder_converts_every_format(tmp_path, tiny_overrides):
     photos = tmp_path / "photos"
     make_odd_photos(photos)
     params = _params(tiny_overrides, **{"ingest.source": "folder", "ingest.folder.root": str(photos),
-                                         "ingest.folder.max_side": 100})
+                                         "ingest.folder.max_side": 100, "ingest.folder.val_fraction": 0.3,
+                                         "ingest.folder.test_fraction": 0.3})
     rows = {r.name: r for r in read_manifest(run_ingest(params, tmp_path / "ingested"))}
     assert set(rows) == {"phone__IMG_0001", "scan16", "palette", "rgba", "grey", "print", "sub_dir__tiff",
                          "lossless", "paint", "big"}
@@ -146,7 +147,8 @@ def test_folder_bad_files_stop_or_are_skipped(tmp_path, tiny_overrides):
     data = (photos / "whole.jpg").read_bytes()
     (photos / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (photos / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
-    overrides = {"ingest.source": "folder", "ingest.folder.root": str(photos)}
+    overrides = {"ingest.source": "folder", "ingest.folder.root": str(photos), "ingest.folder.val_fraction": 0.0,
+                 "ingest.folder.test_fraction": 0.0}
 
     with pytest.raises(IngestError, match=r"garbage\.png.*skip_bad_files"):
         run_ingest(_params(tiny_overrides, **overrides), tmp_path / "ingested")
@@ -167,6 +169,30 @@ def test_folder_missing_or_empty_root(tmp_path, tiny_overrides):
         params = _params(tiny_overrides, **{"ingest.source": "folder", "ingest.folder.root": str(root)})
         with pytest.raises(IngestError, match=needle):
             run_ingest(params, tmp_path / "ingested")
+
+
+def test_folder_fraction_that_leaves_a_split_empty_names_the_key(tmp_path, tiny_overrides):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(photos / f"p{i}.png")
+    params = _params(tiny_overrides, **{"ingest.source": "folder", "ingest.folder.root": str(photos),
+                                        "ingest.folder.val_fraction": 0.01, "ingest.folder.test_fraction": 0.0})
+    with pytest.raises(IngestError, match=r"ingest.folder.val_fraction: 0.01 of 3 images gave an empty val split"):
+        run_ingest(params, tmp_path / "ingested")
+    assert not (tmp_path / "ingested").exists() and _no_leftovers(tmp_path, "ingested")
+
+
+def test_gopro_sharp_frames_feed_the_sharp_in_check(tmp_path, tiny_overrides):
+    from deblur.data.synthesize import run_synthesize
+    from deblur.stages.evaluate import evaluation_inputs
+
+    make_gopro_tree(tmp_path / "GOPRO_Large")
+    params = _params(tiny_overrides, **{"ingest.source": "gopro", "ingest.gopro.root": str(tmp_path / "GOPRO_Large")})
+    run_synthesize(params, run_ingest(params, tmp_path / "ingested"), tmp_path / "pairs")
+    records, photos = evaluation_inputs(tmp_path / "pairs", params.evaluate)
+    assert {r.blur_type for r in records} == {"real"}
+    assert len(photos) == min(2, params.evaluate.sharp_in_images) and all("clear_images" in str(p) for p in photos)
 
 
 def test_hash_split_is_stable_and_follows_fractions():

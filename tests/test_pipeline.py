@@ -179,13 +179,17 @@ def registered_world(tmp_path, mlflow_uri):
     from deblur.stages.evaluate import run_evaluate
     from deblur.training import Trainer
 
-    params_file = write_params(tmp_path / "params.yaml", {**PIPELINE_OVERRIDES, "register.min_gain_over_input_db": -100.0,
-                                                          "register.min_sharp_in_psnr": 0.0})
+    base_overrides = {**PIPELINE_OVERRIDES, "register.min_gain_over_input_db": -100.0, "register.min_sharp_in_psnr": 0.0,
+                      "register.min_pairs_per_blur_type": 1000}
+    params_file = write_params(tmp_path / "params.yaml", base_overrides)
     params = load_params(params_file)
     run_synthesize(params, run_ingest(params, tmp_path / "ingested"), tmp_path / "pairs")
     base = Trainer(params, tmp_path / "pairs", tmp_path / "unused")._state(full=False)
 
-    def register(checkpoint: Path, tag: str) -> dict:
+    def register(checkpoint: Path, tag: str, **overrides) -> dict:
+        nonlocal params_file
+        if overrides:
+            params_file = write_params(tmp_path / f"{tag}_params.yaml", {**base_overrides, **overrides})
         with tracking.stage_run("train", params) as run_id:
             uri = log_deblur_model(checkpoint, params.tiling)
         info = {"run_id": run_id, "model_uri": uri, "checkpoint": str(checkpoint), "data_hash": "x",
@@ -214,7 +218,8 @@ def test_gate_promotes_better_refuses_worse_and_champion_predicts_any_size(regis
     assert second["promoted"] and second["previous_champion_version"] == "1"
     assert second["challenger_psnr"] > second["previous_champion_psnr"]
     third = register(noisier, "noisier")             # worse than the identity champion: refused
-    assert not third["promoted"] and "does not beat champion v2" in third["reason"]
+    assert not third["promoted"] and "[failed: beats_champion]" in third["reason"] and "champion v2" in third["reason"]
+    assert third["previous_champion_psnr"] > third["challenger_psnr"]
 
     client = mlflow.MlflowClient(mlflow_uri)
     assert str(client.get_model_version_by_alias("deblur", "champion").version) == "2"
@@ -227,6 +232,20 @@ def test_gate_promotes_better_refuses_worse_and_champion_predicts_any_size(regis
     out = champion.predict(image)
     assert out.shape == (37, 53, 3) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - image).max() <= 1
+
+
+@pytest.mark.slow
+def test_first_champion_must_not_be_worse_than_its_init_from_nor_the_input_on_a_blur_type(registered_world):
+    tmp_path, params, base, register = registered_world
+    identity = _checkpoint_variant(base, 0.0, tmp_path / "identity.pt")
+    noisy = _checkpoint_variant(base, 0.05, tmp_path / "noisy.pt")
+    refused = register(noisy, "below_init", **{"train.init_from": str(identity)})
+    assert not refused["promoted"] and "beats_init_from" in refused["reason"]
+    assert refused["init_from_psnr"] > refused["challenger_psnr"]
+    assert (tmp_path / "serving" / "NO_CHAMPION.txt").is_file()
+    per_type = register(noisy, "per_type", **{"register.min_pairs_per_blur_type": 3})
+    failed = {c["name"] for c in per_type["checks"] if not c["passed"]}
+    assert not per_type["promoted"] and "blur_type:motion" in failed and "beats_input" not in failed
 
 
 def test_identity_model_scores_exactly_the_blurred_input(registered_world):

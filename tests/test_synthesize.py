@@ -28,14 +28,15 @@ def _lines(path: Path) -> list[dict]:
 
 def test_layout_and_index_content(tmp_path, tiny_params, manifest):
     params = tiny_params.model_copy(update={"synthesize": tiny_params.synthesize.model_copy(
-        update={"pairs_per_image": 2})})
+        update={"pairs_per_image": 2, "test_pairs_per_image": 6})})
     summary = run_synthesize(params, manifest, tmp_path / "pairs")
     rows = read_manifest(manifest)
     for split in ("train", "val", "test"):
         split_dir = tmp_path / "pairs" / split
         entries = _lines(split_dir / "blur_types.json")
         names = sorted(r.name for r in rows if r.split == split)
-        assert sorted(e["id"] for e in entries) == sorted(f"{n}_{k}" for n in names for k in (0, 1))
+        per_image = 6 if split == "test" else 2
+        assert sorted(e["id"] for e in entries) == sorted(f"{n}_{k}" for n in names for k in range(per_image))
         assert summary.pairs_per_split[split] == len(entries)
         for e in entries:
             assert e["clear_image"] == f"clear_images/{e['id']}.png" and e["blur_image"] == f"blur_images/{e['id']}.png"
@@ -47,11 +48,16 @@ def test_layout_and_index_content(tmp_path, tiny_params, manifest):
             source_row = next(r for r in rows if r.name == e["name"])
             assert (split_dir / e["clear_image"]).read_bytes() == Path(source_row.path).read_bytes()
             assert 0 <= e["noise_sigma"] <= params.synthesize.noise_sigma_max
-    assert sum(summary.pairs_per_blur_type.values()) == 2 * len(rows)
+    n_test = sum(r.split == "test" for r in rows)
+    assert sum(summary.pairs_per_blur_type.values()) == 2 * (len(rows) - n_test) + 6 * n_test
     assert all(np.isfinite(v) and v < 40 for v in summary.input_psnr.values())
 
     records = read_pairs(tmp_path / "pairs", "test")
-    assert {r.blur_type for r in records} <= set(BLUR_TYPES)
+    by_image: dict[str, list[str]] = {}
+    for r in records:
+        by_image.setdefault(r.name, []).append(r.blur_type)
+    for types in by_image.values():   # test blur types taken in turn: each image gets every type, none thrice
+        assert set(types) == set(BLUR_TYPES) and max(types.count(t) for t in BLUR_TYPES) == 2
     assert all(r.kernel_path.is_file() and r.clear_path.is_file() for r in records)
     assert any(r.is_synthetic_scene for r in records) and not all(r.is_synthetic_scene for r in records)
 
