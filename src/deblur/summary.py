@@ -21,8 +21,11 @@ def format_summary(metrics: dict, decision: dict) -> str:
     if "sharp_in" in metrics:
         lines.append(f"  sharp-in check: unblurred photos come out at {metrics['sharp_in']['psnr']:.2f} dB "
                      f"(worst {metrics['sharp_in']['min_psnr']:.2f} dB) against themselves")
-    lines += ["", f"Registry: {decision['model_name']} version {decision['version']} registered as 'challenger'; "
-                  f"{decision['reason']}"]
+    verdict = "promoted to 'champion'" if decision["promoted"] else "not promoted"
+    lines += ["", f"Registry: {decision['model_name']} version {decision['version']} registered as 'challenger', "
+                  f"{verdict}. The gate's checks:"]
+    for check in decision.get("checks", []):
+        lines.append(f"  [{'pass' if check['passed'] else 'FAIL'}] {check['name']}: {check['detail']}")
     if decision.get("champion_uri"):
         lines.append(f"  champion: {decision['champion_uri']}  (serving artifact: {decision.get('serving_artifact')})")
     lines += ["", "Where to look:",
