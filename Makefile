@@ -18,7 +18,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 demo: install
 	@test -d .dvc || dvc init -q
-	$(PY) -m deblur.import_pretrained
+	dvc repro synthesize
+	$(PY) -m deblur.import_pretrained --register checkpoints/pretrained/nafnet16.pt
 	DEBLUR_PIPELINE_ID=demo-$$(date +%Y%m%d-%H%M%S) dvc repro
 	$(PY) -m deblur.summary
 

@@ -1,15 +1,24 @@
-"""Make the shipped checkpoints' training runs visible in your MLflow store.
+"""Make the shipped checkpoints visible in your MLflow store, and register one through the gate.
 
     python -m deblur.import_pretrained [--experiment deblur-pretraining]
+    python -m deblur.import_pretrained --register checkpoints/pretrained/nafnet16.pt   # after `dvc repro synthesize`
 
 Each ``checkpoints/pretrained/<name>.run.json`` (params, tags, full metric histories exported
 from the store it was trained in) becomes a run of the experiment, with the checkpoint as an
 artifact. Idempotent: a run already imported is left alone.
+
+``--register`` evaluates a shipped checkpoint on the test split (``data/pairs``) exactly as the
+evaluate stage does and puts it through the promotion gate as a model version tagged with its
+origin and sha256: on a fresh store it becomes the first champion if it passes, and the
+pipeline's own fine-tune must then beat it to replace it. A checkpoint already registered (same
+sha256) is left alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import sys
 from pathlib import Path
 
 from deblur import tracking
@@ -17,16 +26,64 @@ from deblur import tracking
 PRETRAINED_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "pretrained"
 
 
+def import_runs(folder: Path, experiment: str) -> dict[str, str]:
+    """Import every ``*.run.json`` of ``folder``; returns checkpoint file name -> run id."""
+    runs = {}
+    for record in sorted(folder.glob("*.run.json")):
+        checkpoint = record.with_name(record.name.replace(".run.json", ".pt"))
+        run_id = tracking.import_run(record, experiment, [checkpoint] if checkpoint.exists() else [])
+        runs[checkpoint.name] = run_id
+        print(f"{record.name}: run {run_id} in experiment {experiment!r} ({tracking.tracking_uri()})")
+    return runs
+
+
+def register_checkpoint(checkpoint: Path, run_id: str, params_path: Path, pairs_dir: Path, reports_dir: Path,
+                        serving_dir: Path) -> dict | None:
+    """Evaluate ``checkpoint`` and register it through the gate; None when it is registered already."""
+    from deblur.config import load_params
+    from deblur.stages.evaluate import run_evaluate
+    from deblur.stages.register import run_register
+
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    name = load_params(params_path).registration.model_name
+    existing = tracking.versions_with_tag(name, "checkpoint_sha256", sha)
+    if existing:
+        print(f"{checkpoint}: already registered as {name} v{existing[0]}")
+        return None
+    info = {"run_id": run_id, "checkpoint": str(checkpoint), "data_hash": "shipped", "params_digest": "shipped",
+            "version_tags": {"origin": f"shipped checkpoint {checkpoint.name}", "checkpoint_sha256": sha}}
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    tracking.dump_json(info, reports_dir / "run.json")
+    run_evaluate(params_path, reports_dir / "run.json", pairs_dir, reports_dir / "metrics.json",
+                 reports_dir / "per_image.csv", reports_dir / "psnr_per_blur.csv", reports_dir / "sharp_in.csv",
+                 reports_dir / "triptychs")
+    record = run_register(params_path, reports_dir / "run.json", reports_dir / "per_image.csv",
+                          reports_dir / "sharp_in.csv", pairs_dir, reports_dir / "registered_model.json", serving_dir,
+                          check_init_from=False)
+    print(f"{checkpoint}: registered as {name} v{record['version']}; {record['reason']}")
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
+    from deblur.cli import fail_cleanly
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="deblur-pretraining")
     parser.add_argument("--dir", type=Path, default=PRETRAINED_DIR)
+    parser.add_argument("--register", type=Path, default=None, help="a shipped checkpoint to put through the gate")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--pairs", type=Path, default=Path("data/pairs"))
+    parser.add_argument("--reports", type=Path, default=Path("reports/shipped"))
+    parser.add_argument("--serving-dir", type=Path, default=Path("function_app/model"))
     args = parser.parse_args(argv)
-    for record in sorted(args.dir.glob("*.run.json")):
-        checkpoint = record.with_name(record.name.replace(".run.json", ".pt"))
-        run_id = tracking.import_run(record, args.experiment, [checkpoint] if checkpoint.exists() else [])
-        print(f"{record.name}: run {run_id} in experiment {args.experiment!r} ({tracking.tracking_uri()})")
-    return 0
+    runs = import_runs(args.dir, args.experiment)
+    if args.register is None:
+        return 0
+    if args.register.name not in runs:
+        print(f"error: {args.register}: not a shipped checkpoint with a run record in {args.dir}", file=sys.stderr)
+        return 1
+    return fail_cleanly(register_checkpoint, args.register, runs[args.register.name], args.params, args.pairs,
+                        args.reports, args.serving_dir)
 
 
 if __name__ == "__main__":

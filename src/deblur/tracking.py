@@ -199,6 +199,13 @@ def version_by_alias(name: str, alias: str):
         raise
 
 
+def versions_with_tag(name: str, key: str, value: str) -> list[str]:
+    """Versions of registered model ``name`` whose tag ``key`` equals ``value`` (newest first)."""
+    mlflow = _mlflow()
+    found = mlflow.MlflowClient().search_model_versions(f"name = '{name}' and tags.`{key}` = '{value}'")
+    return sorted((str(v.version) for v in found), key=int, reverse=True)
+
+
 def set_version_tags(name: str, version: str, tags: dict) -> None:
     client = _mlflow().MlflowClient()
     for k, v in tags.items():

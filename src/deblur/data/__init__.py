@@ -1,0 +1,1 @@
+"""Data: ingest sources, blur synthesis, reading pairs, training datasets."""

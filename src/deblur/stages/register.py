@@ -63,7 +63,7 @@ def _rescore(checkpoint, params: Params, records, desc: str) -> PairedScores:
 
 
 def gather_evidence(params: Params, per_image_path: Path, sharp_in_path: Path, pairs_dir: Path,
-                    download_dir: Path) -> Evidence:
+                    download_dir: Path, check_init_from: bool = True) -> Evidence:
     challenger, input_scores = read_per_image(per_image_path)
     evidence = Evidence(challenger, input_scores, read_sharp_in_csv(sharp_in_path))
     records, _ = evaluation_inputs(pairs_dir, params.evaluate)
@@ -73,7 +73,7 @@ def gather_evidence(params: Params, per_image_path: Path, sharp_in_path: Path, p
         evidence.champion_version = champion
         evidence.champion_checkpoint = tracking.download_checkpoint(f"models:/{name}/{champion.version}", download_dir)
         evidence.champion = _rescore(evidence.champion_checkpoint, params, records, "re-score champion")
-    elif params.train.init_from and Path(params.train.init_from).is_file():
+    elif check_init_from and params.train.init_from and Path(params.train.init_from).is_file():
         evidence.init_from_path = params.train.init_from
         evidence.init_from = _rescore(Path(params.train.init_from), params, records, "score train.init_from")
     return evidence
@@ -91,6 +91,7 @@ def record_in_registry(params: Params, info: dict, decision: Decision, evidence:
             "sharp_in_min_psnr": min(evidence.sharp_in) if evidence.sharp_in else None}
     if info.get("dvc_experiment"):
         tags["dvc_experiment"] = info["dvc_experiment"]
+    tags.update(info.get("version_tags", {}))
     version = tracking.register_model_version(model_uri, name, tags)
     tracking.set_alias(name, "challenger", version)
     if decision.promote:
@@ -136,12 +137,13 @@ def export_champion(params: Params, info: dict, decision: Decision, version: str
 
 
 def run_register(params_path: Path, run_info_path: Path, per_image_path: Path, sharp_in_path: Path, pairs_dir: Path,
-                 decision_path: Path, serving_dir: Path) -> dict:
+                 decision_path: Path, serving_dir: Path, check_init_from: bool = True) -> dict:
+    """``check_init_from=False`` for a model that was not fine-tuned from ``train.init_from`` (an import)."""
     params = load_params(params_path)
     info = load_run_info(run_info_path)
     name = params.registration.model_name
     with tempfile.TemporaryDirectory() as tmp:
-        evidence = gather_evidence(params, per_image_path, sharp_in_path, pairs_dir, Path(tmp))
+        evidence = gather_evidence(params, per_image_path, sharp_in_path, pairs_dir, Path(tmp), check_init_from)
         champion = evidence.champion_version
         decision = decide(evidence.challenger, evidence.input, evidence.sharp_in, evidence.champion, evidence.init_from,
                           gate_config(params), champion_label=f"champion v{champion.version}" if champion else "champion",
