@@ -248,6 +248,24 @@ def test_first_champion_must_not_be_worse_than_its_init_from_nor_the_input_on_a_
     assert not per_type["promoted"] and "blur_type:motion" in failed and "beats_input" not in failed
 
 
+@pytest.mark.slow
+def test_shipped_checkpoint_registers_through_the_gate_once(registered_world, mlflow_uri):
+    from deblur.import_pretrained import register_checkpoint
+
+    tmp_path, params, base, _ = registered_world
+    shipped = _checkpoint_variant(base, 0.0, tmp_path / "shipped.pt")
+    with tracking.stage_run("train", params) as run_id:
+        pass
+    record = register_checkpoint(shipped, run_id, tmp_path / "params.yaml", tmp_path / "pairs", tmp_path / "rep",
+                                 tmp_path / "serving")
+    assert record["promoted"] and "beats_init_from" not in {c["name"] for c in record["checks"]}
+    version = mlflow.MlflowClient(mlflow_uri).get_model_version("deblur", record["version"])
+    assert version.tags["origin"] == "shipped checkpoint shipped.pt" and len(version.tags["checkpoint_sha256"]) == 64
+    assert register_checkpoint(shipped, run_id, tmp_path / "params.yaml", tmp_path / "pairs", tmp_path / "rep",
+                               tmp_path / "serving") is None
+    assert json.loads((tmp_path / "serving" / "model.json").read_text())["version"] == record["version"]
+
+
 def test_identity_model_scores_exactly_the_blurred_input(registered_world):
     tmp_path, params, base, _ = registered_world
     identity = model_from_checkpoint(load_checkpoint(_checkpoint_variant(base, 0.0, tmp_path / "identity.pt")))

@@ -148,3 +148,14 @@ def test_synthesize_script_logs_an_mlflow_run(tmp_path, tiny_params_file, mlflow
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == \
         "error: missing.jsonl: manifest not found; run the ingest stage first"
+
+
+def test_sharp_in_photos_are_distinct_images_not_copies_of_one(tmp_path, tiny_params, manifest):
+    from deblur.stages.evaluate import evaluation_inputs
+
+    run_synthesize(tiny_params, manifest, tmp_path / "pairs")
+    records, photos = evaluation_inputs(tmp_path / "pairs", tiny_params.evaluate.model_copy(update={"sharp_in_images": 5}))
+    names = {r.clear_path: r.name for r in records}
+    photo_names = [names[p] for p in photos]
+    assert len(set(photo_names)) == len(photo_names) == 2      # the two test photos, each once
+    assert not any(r.is_synthetic_scene for r in records if r.clear_path in photos)

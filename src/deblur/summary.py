@@ -27,7 +27,8 @@ def format_summary(metrics: dict, decision: dict) -> str:
     for check in decision.get("checks", []):
         lines.append(f"  [{'pass' if check['passed'] else 'FAIL'}] {check['name']}: {check['detail']}")
     if decision.get("champion_uri"):
-        lines.append(f"  champion: {decision['champion_uri']}  (serving artifact: {decision.get('serving_artifact')})")
+        lines.append(f"  champion: {decision['model_name']} v{decision.get('champion_version')} = {decision['champion_uri']}  "
+                     f"(serving artifact: {decision.get('serving_artifact')})")
     lines += ["", "Where to look:",
               f"  mlflow ui --backend-store-uri {decision.get('tracking_uri', 'sqlite:///mlflow.db')}   "
               "then open http://127.0.0.1:5000",

@@ -420,7 +420,7 @@ class Trainer:
             bar.update(1)
             window_patches += blurred.shape[0] * self.dist.world_size
             if logged is not None:
-                bar.set_postfix(loss=f"{logged['loss']:.4f}")
+                bar.set_postfix(loss=f"{logged['loss']:.4f}", refresh=False)
             if main and logged is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
                 elapsed = time.perf_counter() - window_start
                 logged.update(lr=self.scheduler.get_last_lr()[0], patches_per_s=window_patches / max(elapsed, 1e-9),

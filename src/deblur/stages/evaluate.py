@@ -31,9 +31,10 @@ def evaluation_inputs(pairs_dir: Path, cfg: EvaluateConfig) -> tuple[list, list[
     records = read_pairs(pairs_dir, "test")
     if cfg.max_images:
         records = records[: cfg.max_images]
-    photos = sorted({r.clear_path for r in records if not r.is_synthetic_scene})
-    if not photos:
-        photos = sorted({r.clear_path for r in records})
+    def one_per_image(rows) -> list[Path]:   # an image's pairs each hold a copy of its sharp file
+        return [path for _, path in sorted({r.name: r.clear_path for r in rows}.items())]
+
+    photos = one_per_image([r for r in records if not r.is_synthetic_scene]) or one_per_image(records)
     return records, photos[: cfg.sharp_in_images]
 
 
