@@ -45,7 +45,8 @@ def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 @pytest.fixture
 def project(tmp_path, mlflow_uri):
     """A copy of the repo's pipeline in a fresh git + DVC repo, with tiny params."""
-    for name in ("dvc.yaml", "pipelines", "src", "checkpoints/pretrained", "data/photos", "data/GOPRO_Large", ".gitignore"):
+    for name in ("dvc.yaml", "MLproject", "conda.yaml", "pipelines", "src", "checkpoints/pretrained", "data/photos",
+                 "data/GOPRO_Large", ".gitignore"):
         src = ROOT / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name, **({"ignore": shutil.ignore_patterns(
             "__pycache__")} if src.is_dir() else {}))
@@ -140,6 +141,18 @@ def test_dvc_repro_then_every_follow_up_a_user_tries(project, mlflow_uri):
     assert "train" in ran(edited)
     said = [line for line in edited.stdout.splitlines() if "resum" in line]
     assert said and "code changed: src/deblur/losses.py" in said[0], edited.stdout[:3000]
+
+    # the same state through MLflow Projects: train trains (fresh), evaluate nests under it
+    for entry in ("train", "evaluate"):
+        run([str(BIN / "mlflow"), "run", ".", "-e", entry, "--env-manager", "local", "--experiment-name", "deblur"],
+            root, env)
+    latest = {}
+    for r in stage_runs(mlflow_uri):
+        latest[r.data.tags["stage"]] = r
+    info = json.loads((root / "reports/train_run.json").read_text())
+    assert latest["train"].info.run_id == info["run_id"] and info["last_step"] == 6
+    assert len(mlflow.MlflowClient(mlflow_uri).get_metric_history(info["run_id"], "loss")) == 6
+    assert latest["evaluate"].data.tags["mlflow.parentRunId"] == info["run_id"]
 
     # an architecture that does not fit train.init_from: a clear error naming the checkpoint that does
     wrong = dvc(root, env, "exp", "run", "-S", "model.name=nafnet", "-S", "model.nafnet.width=8",
