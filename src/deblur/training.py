@@ -30,11 +30,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from deblur import tracking, viz
-from deblur.errors import DeblurError
 from deblur.checkpoints import fitting_checkpoints, load_checkpoint, save_atomic
 from deblur.config import Params
 from deblur.data.datasets import OnTheFlyPatches, PairPatches, StepSampler, to_tensor, to_uint8
 from deblur.data.pairs import read_pairs
+from deblur.errors import DeblurError
 from deblur.imageio import read_rgb
 from deblur.losses import CompositeLoss
 from deblur.metrics import psnr, ssim
@@ -124,18 +124,14 @@ def resume_mismatch(saved: dict | None, current: dict) -> list[str]:
     """Why a checkpoint with resume key ``saved`` is not a run of ``current``; empty when it is."""
     if not saved:
         return ["it has no resume key (written by an older version)"]
-    reasons = []
-    old, new = _flatten(saved.get("params", {})), _flatten(current["params"])
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if changed:
-        reasons.append("params changed: " + ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else ""))
+    def changed(old: dict, new: dict, what: str, shown: int) -> list[str]:
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        return [f"{what} changed: " + ", ".join(keys[:shown]) + (" ..." if len(keys) > shown else "")] if keys else []
+
+    reasons = changed(_flatten(saved.get("params", {})), _flatten(current["params"]), "params", 6)
     if saved.get("data") != current["data"]:
         reasons.append("the training data changed")
-    old_code, new_code = saved.get("code", {}), current["code"]
-    code = sorted(k for k in old_code.keys() | new_code.keys() if old_code.get(k) != new_code.get(k))
-    if code:
-        reasons.append("code changed: " + ", ".join(code[:4]) + (" ..." if len(code) > 4 else ""))
-    return reasons
+    return reasons + changed(saved.get("code", {}), current["code"], "code", 4)
 
 
 def resolve_device(choice: str) -> torch.device:
