@@ -123,9 +123,15 @@ restore() {
 
 run() {
   if (( $(nice) < 19 )); then exec nice -n 19 "$0" run; fi
+  # A session of its own (bg) is a scheduler autogroup of its own, and autogroups share the CPU
+  # equally whatever the nice value inside them: the "nice 19" run took a full core from 2-thread
+  # jobs (5-16x slower tests). Autogroup nice 19 leaves it only what others do not use.
+  if [[ -n ${OWN_SESSION:-} ]]; then
+    echo 19 > /proc/self/autogroup 2>/dev/null || say "could not lower the autogroup priority (/proc/self/autogroup)"
+  fi
   export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
   export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$root/mlflow.db}
-  export DEBLUR_PIPELINE_ID=${DEBLUR_PIPELINE_ID:-cpu-shake}   # else it would share the main pipeline's id (params.yaml hash)
+  export DEBLUR_PIPELINE_ID=${DEBLUR_PIPELINE_ID:-$(basename "$work")}   # else it would share the main pipeline's id (params.yaml hash)
   mkdir -p "$work"
   echo $$ > "$work/run.pid"
   snapshot_code
@@ -156,7 +162,10 @@ run() {
   fi
   say "train ($prof, $(nproc --all) cores here, OMP_NUM_THREADS=1, nice $(nice)) -> $ckpt"
   # python itself in the background (not a shell function: its subshell would take the SIGTERM, not python)
-  PYTHONPATH="$code/src" "$py" "$code/pipelines/train.py" --params "$prof" --pairs "$work/pairs" --checkpoints "$ckpt" \
+  # SCHED_IDLE as well: even at nice 19 a CPU-bound neighbour slows 2-thread torch jobs 5-10x
+  # (OpenMP barriers wait for the thread that shares its core); with it they lose about one core.
+  local idle=(); command -v chrt >/dev/null && idle=(chrt --idle 0)
+  PYTHONPATH="$code/src" "${idle[@]}" "$py" "$code/pipelines/train.py" --params "$prof" --pairs "$work/pairs" --checkpoints "$ckpt" \
     --curve "$work/train_curve.csv" --run-info "$work/train_run.json" "${extra[@]}" &
   local pid=$! rc=0 stopping=0
   echo "$pid" > "$work/train.pid"
@@ -178,7 +187,7 @@ case ${1:-run} in
   bg)
     if alive "$work/run.pid"; then say "already running (pid $(cat "$work/run.pid"))"; exit 1; fi
     mkdir -p "$work"
-    nohup nice -n 19 "$0" run >> "$log" 2>&1 < /dev/null &
+    OWN_SESSION=1 setsid nohup nice -n 19 "$0" run >> "$log" 2>&1 < /dev/null &
     say "started in the background (pid $!), log: $log" ;;
   stop)
     if ! alive "$work/run.pid"; then say "not running"; exit 0; fi

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from deblur.config import ModelConfig, load_params
 from deblur.losses import CompositeLoss
 from deblur.models import MODELS, build_model, configure_inference, count_parameters
-from deblur.models.common import pad_to_multiple
+from deblur.models.common import load_grown, pad_to_multiple
 from deblur.models.nafnet import LocalAvgPool2d, NAFNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,3 +195,41 @@ def test_registry_names_and_duplicates():
         MODELS.register("nafnet")(NAFNet)
     with pytest.raises(KeyError, match="unknown model"):
         MODELS.get("no_such_model")
+
+
+def _nafnet_config(params, **arch) -> ModelConfig:
+    raw = params.model.model_dump()
+    raw["name"] = "nafnet"
+    raw["nafnet"].update(TINY["nafnet"], **arch)
+    return ModelConfig.model_validate(raw)
+
+
+def test_a_trained_nafnet_grows_deeper_with_the_same_output(params):
+    """Deeper middle/stages from a smaller model's weights: new blocks start as exact identities."""
+    torch.manual_seed(0)
+    small = build_model(_nafnet_config(params)).eval()
+    with torch.no_grad():  # "trained": every scale non-zero, so the old blocks really act
+        for name, p in small.named_parameters():
+            if name.endswith(("beta", "gamma")):
+                p.normal_(0, 0.5)
+    deep = build_model(_nafnet_config(params, middle_blocks=3, enc_blocks=[1, 2])).eval()
+    grown = load_grown(deep, small.state_dict())
+    assert sorted(grown) == ["encoders.1.1", "middle.1", "middle.2"]
+    x = torch.rand(1, 3, 21, 30)
+    with torch.no_grad():
+        assert torch.equal(deep(x), small(x))
+        assert not torch.allclose(small(x), x, atol=1e-3)
+
+
+def test_growing_refuses_weights_that_do_not_fit(params):
+    small = build_model(_nafnet_config(params))
+    state = small.state_dict()
+    narrower = build_model(_nafnet_config(params, width=4))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_grown(narrower, state)
+    partial = {k: v for k, v in state.items() if k != "middle.0.conv1.weight"}
+    with pytest.raises(RuntimeError, match="middle.0 is only partly"):
+        load_grown(build_model(_nafnet_config(params)), partial)
+    shallower = build_model(_nafnet_config(params, middle_blocks=0))
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        load_grown(shallower, state)

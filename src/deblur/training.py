@@ -39,6 +39,7 @@ from deblur.imageio import read_rgb
 from deblur.losses import CompositeLoss
 from deblur.metrics import psnr, ssim
 from deblur.models import build_model, configure_inference, count_parameters
+from deblur.models.common import load_grown
 from deblur.progress import progress
 from deblur.stages.spec import RESUME_NEUTRAL_TRAIN_KEYS, STAGES, code_digests, params_subset
 
@@ -302,7 +303,7 @@ class Trainer:
         try:
             if ckpt["model_config"].get("name") != name:
                 raise RuntimeError(f"it holds a {ckpt['model_config'].get('name')!r} model, but model.name is {name!r}")
-            self.model.load_state_dict(state)
+            grown = load_grown(self.model, state)
         except RuntimeError as err:
             fits = fitting_checkpoints(self.params.model, path.parent)
             hint = (f"{', '.join(str(p) for p in fits)} fits model.{name} as configured: set train.init_from to it"
@@ -310,7 +311,8 @@ class Trainer:
             raise TrainingError(f"train.init_from {path}: weights do not fit the model in params "
                                 f"({str(err).splitlines()[0][:200]}). {hint}, or set train.init_from: null "
                                 "to train from random weights") from err
-        self._say(f"[train] initialised weights from {path}")
+        extra = f" ({len(grown)} new blocks start as identities: {', '.join(grown)})" if grown else ""
+        self._say(f"[train] initialised weights from {path}{extra}")
 
     # --- data ----------------------------------------------------------------------------
     def _dataset(self):

@@ -57,3 +57,33 @@ class ResidualRestorer(nn.Module):
 
     def prepare_inference(self, train_patch_size: int) -> None:
         """Switch to the inference form in place; most models have none."""
+
+    def identity_at_init(self) -> list[str]:
+        """Names of submodules that a fresh model starts as exact identities (residual blocks
+        whose output scales are zero): weights for them may be missing when growing a trained
+        model (``load_grown``). None by default."""
+        return []
+
+
+def load_grown(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load ``state`` into ``model``, which may have *more* blocks than the weights came from.
+
+    Every key of ``state`` must fit; a key missing from ``state`` is allowed only when a whole
+    submodule listed by ``model.identity_at_init()`` is missing, so the grown model computes
+    exactly what the smaller one did. Returns the names of the blocks left at their fresh
+    (identity) initialisation; raises RuntimeError (as ``load_state_dict``) otherwise.
+    """
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    identity = getattr(model, "identity_at_init", lambda: [])()
+    grown = [name for name in identity if any(k.startswith(name + ".") for k in missing)]
+    for name in grown:
+        present = [k for k in model.state_dict() if k.startswith(name + ".") and k in state]
+        if present:
+            raise RuntimeError(f"block {name} is only partly in the weights ({present[0]} is there, "
+                               f"{next(k for k in missing if k.startswith(name + '.'))} is not)")
+    unexplained = [k for k in missing if not any(k.startswith(name + ".") for name in grown)]
+    if unexpected or unexplained:
+        raise RuntimeError("Error(s) in loading state_dict: "
+                           + (f"Missing key(s): {', '.join(unexplained[:5])}. " if unexplained else "")
+                           + (f"Unexpected key(s): {', '.join(unexpected[:5])}." if unexpected else ""))
+    return grown

@@ -167,6 +167,11 @@ class NAFNet(ResidualRestorer):
             x = decoder(up(x) + skip)
         return self.ending(x)
 
+    def identity_at_init(self) -> list[str]:
+        """Every NAFBlock: with beta = gamma = 0 a fresh block passes its input through unchanged,
+        so a trained NAFNet can grow deeper (more middle or stage blocks) without changing its output."""
+        return [name for name, module in self.named_modules() if isinstance(module, NAFBlock)]
+
     def _stages_by_level(self) -> list[tuple[int, nn.Sequential]]:
         levels = len(self.encoders)
         return [
