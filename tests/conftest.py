@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,18 @@ def tiny_params(tiny_overrides) -> Params:
 def tiny_params_file(tmp_path, tiny_overrides) -> Path:
     """tmp_path/params.yaml holding the tiny params (for stage scripts run as subprocesses)."""
     return write_params(tmp_path / "params.yaml", tiny_overrides)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_mlflow_experiment():
+    """mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID for subprocesses: it must not outlive the
+    test that set it (an id from another store; `mlflow run --experiment-name` refuses both)."""
+    before = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = before
 
 
 @pytest.fixture

@@ -62,6 +62,8 @@ def test_train_stage_writes_checkpoints_curve_and_mlflow_run(tmp_path, pairs_dir
     assert json.loads((tmp_path / "run.json").read_text())["run_id"] == info["run_id"]
     rows = (tmp_path / "curve.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and len(rows) == 1 + 6
+    cpu_hours = [float(r.split(",")[-1]) for r in rows[1:]]
+    assert 0 < cpu_hours[0] <= cpu_hours[-1] < 1            # process CPU time, growing step by step
 
     client = mlflow.MlflowClient(mlflow_uri)
     run = client.get_run(info["run_id"])
@@ -165,6 +167,26 @@ def test_resume_key_names_changed_data_and_code(tmp_path, pairs_dir):
     assert resume_mismatch(edited, key) == ["the training data changed", "code changed: src/deblur/losses.py"]
     neutral = resume_key(params_with(**{"train.num_workers": 1, "train.log_every": 5}), pairs_dir)
     assert resume_mismatch(key, neutral) == []
+
+
+def test_cpu_time_adds_up_across_resumed_processes(tmp_path, pairs_dir, mlflow_uri):
+    with tracking.stage_run("train", params_with()):
+        _interrupt_at(Trainer(params_with(), pairs_dir, tmp_path / "ck"), 3)
+    saved = load_checkpoint(tmp_path / "ck" / "last.pt")["cpu_seconds"]
+    assert saved > 0
+    resumed = Trainer(params_with(), pairs_dir, tmp_path / "ck")
+    assert resumed.resumed and resumed.cpu_seconds_before == saved
+    assert resumed.cpu_seconds() > saved
+
+
+def test_a_run_saved_before_a_param_existed_resumes_if_the_param_keeps_the_old_behaviour(pairs_dir):
+    """A resume key without model.nafnet.padding / train.deterministic reads as reflect / False."""
+    old = resume_key(params_with(**{"model.nafnet.padding": "reflect"}), pairs_dir)
+    del old["params"]["model"]["nafnet"]["padding"]
+    del old["params"]["train"]["deterministic"]
+    assert resume_mismatch(old, resume_key(params_with(**{"train.deterministic": False}), pairs_dir)) == []
+    now = resume_key(params_with(**{"model.nafnet.padding": "zeros", "train.deterministic": True}), pairs_dir)
+    assert resume_mismatch(old, now) == ["params changed: model.nafnet.padding, train.deterministic"]
 
 
 def test_resume_from_continues_across_a_code_change_but_not_other_params(tmp_path, pairs_dir, mlflow_uri):

@@ -1,4 +1,4 @@
-"""Shared command-line behaviour of the pipeline scripts."""
+"""Shared command-line behaviour of the pipeline scripts (the ``deblur`` command is ``deblur.__main__``)."""
 
 from __future__ import annotations
 

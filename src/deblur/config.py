@@ -169,6 +169,7 @@ class NAFNetConfig(_Strict):
     dec_blocks: tuple[int, ...]
     tlc: bool
     tlc_factor: float = Field(ge=1.0)
+    padding: Literal["reflect", "zeros"]   # zeros: as the official NAFNet (deblur.official)
 
     @model_validator(mode="after")
     def _symmetric(self) -> "NAFNetConfig":
@@ -236,6 +237,7 @@ class TrainConfig(_Strict):
     precision: Literal["bf16", "fp16", "fp32"]
     channels_last: bool
     compile: bool
+    deterministic: bool
     log_every: int = Field(ge=1)
     val_max_images: int = Field(ge=1)
 

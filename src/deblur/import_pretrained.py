@@ -12,6 +12,10 @@ evaluate stage does and puts it through the promotion gate as a model version ta
 origin and sha256: on a fresh store it becomes the first champion if it passes, and the
 pipeline's own fine-tune must then beat it to replace it. A checkpoint already registered (same
 sha256) is left alone.
+
+``import_official`` (the ``deblur import-checkpoint`` command) does the same for an official
+NAFNet ``.pth`` after converting it (``deblur.official``), with its file name, sha256 and
+licence as tags of the run and of the model version.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ def import_runs(folder: Path, experiment: str) -> dict[str, str]:
 
 
 def register_checkpoint(checkpoint: Path, run_id: str, params_path: Path, pairs_dir: Path, reports_dir: Path,
-                        serving_dir: Path) -> dict | None:
-    """Evaluate ``checkpoint`` and register it through the gate; None when it is registered already."""
+                        serving_dir: Path, version_tags: dict | None = None) -> dict | None:
+    """Evaluate ``checkpoint`` and register it through the gate; None when it is registered already.
+
+    ``version_tags`` are added to the model version's tags (and may replace ``origin``)."""
     from deblur.config import load_params
     from deblur.stages.evaluate import run_evaluate
     from deblur.stages.register import run_register
@@ -51,7 +57,8 @@ def register_checkpoint(checkpoint: Path, run_id: str, params_path: Path, pairs_
         print(f"{checkpoint}: already registered as {name} v{existing[0]}")
         return None
     info = {"run_id": run_id, "checkpoint": str(checkpoint), "data_hash": "shipped", "params_digest": "shipped",
-            "version_tags": {"origin": f"shipped checkpoint {checkpoint.name}", "checkpoint_sha256": sha}}
+            "version_tags": {"origin": f"shipped checkpoint {checkpoint.name}", **(version_tags or {}),
+                             "checkpoint_sha256": sha}}
     reports_dir.mkdir(parents=True, exist_ok=True)
     tracking.dump_json(info, reports_dir / "run.json")
     run_evaluate(params_path, reports_dir / "run.json", pairs_dir, reports_dir / "metrics.json",
@@ -62,6 +69,59 @@ def register_checkpoint(checkpoint: Path, run_id: str, params_path: Path, pairs_
                           check_init_from=False)
     print(f"{checkpoint}: registered as {name} v{record['version']}; {record['reason']}")
     return record
+
+
+def import_official(source: Path, name: str | None, licence: str, params_path: Path, pairs_dir: Path,
+                    reports_dir: Path, serving_dir: Path, padding: str, train_patch_size: int,
+                    param_key: str | None) -> dict | None:
+    """``deblur import-checkpoint``: convert an official NAFNet ``.pth`` (``deblur.official``), log it as
+    an MLflow run and register it through the gate as ``register_checkpoint`` does for shipped
+    checkpoints. None when a file with the same sha256 is registered already."""
+    import torch
+
+    from deblur.checkpoints import CheckpointError, save_atomic
+    from deblur.config import NAFNetConfig, load_params
+    from deblur.data.pairs import INDEX_NAME
+    from deblur.official import Origin, convert, is_official
+
+    if not source.is_file():
+        raise CheckpointError(f"{source}: checkpoint not found")
+    params = load_params(params_path)
+    if not (pairs_dir / "test" / INDEX_NAME).is_file():
+        raise CheckpointError(f"{pairs_dir}: no test split to score the import on; run `dvc repro synthesize` first "
+                              "(or pass --pairs)")
+    origin = Origin.of_file(source, licence)
+    model_name = params.registration.model_name
+    existing = tracking.versions_with_tag(model_name, "source_sha256", origin.sha256)
+    if existing:
+        print(f"{source}: already registered as {model_name} v{existing[0]} (same sha256)")
+        return None
+    try:
+        raw = torch.load(source, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise CheckpointError(f"{source}: not a checkpoint torch can read ({type(err).__name__}: {err})") from err
+    if not is_official(raw):
+        found = sorted(map(str, raw))[:10] if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(f"{source}: unknown layout: expected an official NAFNet checkpoint (a dict with "
+                              f"'params' or 'params_ema'), found {found}")
+    nafnet = params.model.nafnet
+    ckpt = convert(raw, origin, param_key=param_key, padding=padding, tlc=nafnet.tlc, tlc_factor=nafnet.tlc_factor,
+                   train_patch_size=train_patch_size)
+    name = name or source.stem
+    out_dir = reports_dir / name
+    checkpoint = out_dir / f"{name}.pt"
+    save_atomic(ckpt, checkpoint)
+    arch = NAFNetConfig.model_validate(ckpt["model_config"]["nafnet"])
+    imported = params.model_copy(update={"model": params.model.model_copy(update={"name": "nafnet", "nafnet": arch})})
+    tags = {"origin": f"official NAFNet checkpoint {origin.file}", "source_file": origin.file,
+            "source_sha256": origin.sha256, "licence": licence, "param_key": ckpt["origin"]["param_key"],
+            "import_name": name}
+    with tracking.stage_run("import", imported, sections=("model",), tags=tags, run_name=f"import {name}") as run_id:
+        tracking.log_dict(ckpt["origin"], "origin.json")
+        tracking.log_artifact(checkpoint, "checkpoint")
+    print(f"{source}: {name} ({' '.join(f'{k}={v}' for k, v in arch.model_dump().items())}), run {run_id}")
+    return register_checkpoint(checkpoint, run_id, params_path, pairs_dir, out_dir / "reports", serving_dir,
+                               version_tags=tags)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,9 @@ One step = one optimiser update on ``batch_size`` patches per rank. Checkpoints:
 ``last.pt`` (everything needed to resume) and ``best.pt`` (best validation PSNR), both
 written atomically and only from finite weights. ``torchrun`` starts several ranks
 (DistributedDataParallel, gloo on CPU, nccl on CUDA); only rank 0 logs and saves.
+Under DDP every decision that gates a collective is taken together: the ranks agree on a
+non-finite loss before ``backward`` (one all-reduce), validation is sharded over the ranks
+and reduced, and fp16's GradScaler skips on gradients that are already all-reduced.
 SIGTERM or Ctrl-C (a scheduler's time limit, ``timeout``) ends the current step, writes
 ``last.pt`` and raises ``TrainingInterrupted``: the same command then resumes there.
 """
@@ -30,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from deblur import tracking, viz
-from deblur.checkpoints import fitting_checkpoints, load_checkpoint, save_atomic
+from deblur.checkpoints import check_architecture, fitting_checkpoints, load_checkpoint, save_atomic
 from deblur.config import Params
 from deblur.data.datasets import OnTheFlyPatches, PairPatches, StepSampler, to_tensor, to_uint8
 from deblur.data.pairs import read_pairs
@@ -98,6 +101,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def configure_determinism(deterministic: bool) -> None:
+    """``train.deterministic``: deterministic kernels (cuDNN, CUDA) at some speed, or the fastest ones."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS; read at its first use
+    # warn_only: an op with no deterministic kernel warns instead of stopping the run
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
 def train_data_hash(pairs_dir: Path) -> str:
     """Digest of every file of the train and val splits (the pairs the run learns and validates on)."""
     files = sorted(p for split in ("train", "val") for p in (Path(pairs_dir) / split).rglob("*") if p.is_file())
@@ -121,6 +134,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+# Params added after runs were saved, with the value that matches what the code did before they
+# existed: a resume key without them reads as if it held these (a multi-day run survives the update).
+PARAMS_ADDED_SINCE = {"model.nafnet.padding": "reflect", "train.deterministic": False}
+
+
 def resume_mismatch(saved: dict | None, current: dict) -> list[str]:
     """Why a checkpoint with resume key ``saved`` is not a run of ``current``; empty when it is."""
     if not saved:
@@ -129,7 +147,11 @@ def resume_mismatch(saved: dict | None, current: dict) -> list[str]:
         keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         return [f"{what} changed: " + ", ".join(keys[:shown]) + (" ..." if len(keys) > shown else "")] if keys else []
 
-    reasons = changed(_flatten(saved.get("params", {})), _flatten(current["params"]), "params", 6)
+    old_params, new_params = _flatten(saved.get("params", {})), _flatten(current["params"])
+    for key, legacy in PARAMS_ADDED_SINCE.items():
+        if key in new_params and key not in old_params:
+            old_params[key] = legacy
+    reasons = changed(old_params, new_params, "params", 6)
     if saved.get("data") != current["data"]:
         reasons.append("the training data changed")
     return reasons + changed(saved.get("code", {}), current["code"], "code", 4)
@@ -160,6 +182,7 @@ class Trainer:
         self.pairs_dir = Path(pairs_dir)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.dist = dist_info or Dist()
+        configure_determinism(self.cfg.deterministic)   # before the first CUDA kernel
         self.device = resolve_device(self.cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.dist.local_rank)
@@ -174,11 +197,14 @@ class Trainer:
                                            weight_decay=self.cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.cfg.max_steps,
                                                                     eta_min=self.cfg.eta_min)
+        self.scaler = self._grad_scaler()
         self.step = 0
         self.best_psnr = -math.inf
         self.best_step = -1
         self.bad_validations = 0
         self.skipped_steps = 0
+        self.cpu_seconds_before = 0.0   # this run's CPU time in earlier (resumed) processes
+        self._cpu_start = time.process_time()
         self.history: list[dict] = []
         self.finished = False
         self.best_checkpoint: dict | None = None
@@ -227,20 +253,29 @@ class Trainer:
                 best_checkpoint=self.best_checkpoint,
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(),
+                scaler=self.scaler.state_dict(),
                 bad_validations=self.bad_validations,
+                cpu_seconds=self.cpu_seconds(),
                 history=self.history,
                 rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             )
         return state
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds this run has used since its Trainer was built, resumed processes included:
+        the process's CPU time (all its threads; DataLoader worker processes are not counted). On a
+        shared CPU, CPU-hours compare training runs fairly; wall time does not."""
+        return self.cpu_seconds_before + time.process_time() - self._cpu_start
+
     def _weights_finite(self) -> bool:
         return all(torch.isfinite(p).all() for p in self.model.parameters())
 
     def save(self, best: bool) -> None:
-        if not self.dist.is_main:
-            return
+        # checked on every rank (DDP keeps the weights equal), so all ranks raise together
         if not self._weights_finite():
             raise TrainingError(f"step {self.step}: weights are not finite; refusing to write a broken checkpoint")
+        if not self.dist.is_main:
+            return
         if best:
             self.best_checkpoint = self._state(full=False)
             save_atomic(self.best_checkpoint, self.best_path)
@@ -278,10 +313,13 @@ class Trainer:
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):                  # empty when the run had no loss scaling
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self.best_psnr = float(ckpt["best_psnr"])
         self.best_step = int(ckpt["best_step"])
         self.bad_validations = int(ckpt.get("bad_validations", 0))
+        self.cpu_seconds_before = float(ckpt.get("cpu_seconds", 0.0))
         self.history = list(ckpt.get("history", []))
         self.best_checkpoint = ckpt.get("best_checkpoint")
         rng = ckpt["rng"]
@@ -301,8 +339,7 @@ class Trainer:
         state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
         name = self.params.model.name
         try:
-            if ckpt["model_config"].get("name") != name:
-                raise RuntimeError(f"it holds a {ckpt['model_config'].get('name')!r} model, but model.name is {name!r}")
+            check_architecture(ckpt["model_config"], self.params.model)   # names both sides when they differ
             grown = load_grown(self.model, state)
         except RuntimeError as err:
             fits = fitting_checkpoints(self.params.model, path.parent)
@@ -338,6 +375,34 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
         return torch.autocast(device_type="cuda", dtype=dtype)
 
+    def _grad_scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 autocast (bf16 and fp32 keep float32's range and need none)."""
+        return torch.amp.GradScaler(self.device.type,
+                                    enabled=self.device.type == "cuda" and self.cfg.precision == "fp16")
+
+    def _nonfinite_loss(self, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> str | None:
+        """What was not finite in this step's loss on any rank, or None; the same answer on every rank.
+
+        Taken before ``backward``: under DDP a rank that skipped backward (or raised) while the
+        others ran it would leave them waiting in the gradient all-reduce. One all-reduce (SUM) of a
+        table with a row per rank, each rank filling its own, shows every rank all the losses.
+        """
+        row = torch.stack([total.detach().float(), *(v.detach().float().to(total.device) for v in parts.values())])
+        table = row.unsqueeze(0)
+        if self.dist.world_size > 1:
+            table = torch.zeros(self.dist.world_size, row.numel(), device=row.device)
+            table[self.dist.rank] = row          # x + 0 is exact: the sum copies each rank's row unchanged
+            dist.all_reduce(table)
+        bad = [rank for rank, ok in enumerate(torch.isfinite(table[:, 0]).tolist()) if not ok]
+        if not bad:
+            return None
+        names = list(parts)
+        details = [", ".join(f"{name}={float(value):.4g}" for name, value in zip(names, table[rank, 1:].tolist()))
+                   for rank in bad]
+        if self.dist.world_size == 1:
+            return details[0]
+        return "; ".join(f"rank {rank} of {self.dist.world_size}: {d}" for rank, d in zip(bad, details))
+
     def train_step(self, blurred: torch.Tensor, sharp: torch.Tensor) -> dict[str, float] | None:
         """One optimiser update; returns logged values, or None when a non-finite step was skipped."""
         self.train_model.train()
@@ -347,37 +412,54 @@ class Trainer:
         with self._autocast():
             output = self.train_model(blurred)
         total, parts = self.loss_fn(output.float(), sharp)
-        if not torch.isfinite(total):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        detail = self._nonfinite_loss(total, parts)
+        if detail is not None:
             if self.cfg.on_nonfinite == "stop":
                 raise TrainingError(f"step {self.step}: loss is not finite ({detail}); stopping without saving. "
                                     "Lower train.lr, check the data, or set train.on_nonfinite: skip")
-            self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             return None
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)     # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)         # no update when the (all-reduced) gradients hold inf/NaN
+        self.scaler.update()
+        if self.scaler.get_scale() < scale:      # the scaler backed off: it skipped this update
+            self.skipped_steps += 1
+            return None
         return {"loss": float(total.detach()), "grad_norm": float(grad_norm),
                 **{f"loss_{k}": float(v) for k, v in parts.items()}}
 
     @torch.inference_mode()
     def validate(self, log_images: bool) -> dict[str, float]:
+        """Mean PSNR/SSIM over ``val_records``; under DDP each rank scores ``val_records[rank::world]``.
+
+        The per-image scores are gathered back into record order (one all-reduce) and averaged
+        on every rank, so the result is bit-identical to one process scoring all records.
+        """
+        rank, world = self.dist.rank, self.dist.world_size
         eval_model = copy.deepcopy(self.model).float().eval()
         configure_inference(eval_model, self.params.model, self.cfg.patch_size)
-        out_psnr, out_ssim, in_psnr = [], [], []
-        for i, rec in enumerate(self.val_records):
+        scores = torch.zeros(len(self.val_records), 3, dtype=torch.float64)   # out psnr, out ssim, input psnr
+        for shown, i in enumerate(range(rank, len(self.val_records), world)):
+            rec = self.val_records[i]
             blurred, sharp = read_rgb(rec.blur_path), read_rgb(rec.clear_path)
             x = to_tensor(blurred).unsqueeze(0).to(self.device)
             with self._autocast():
                 y = eval_model(x)
             restored = to_uint8(y[0].float())
-            out_psnr.append(psnr(restored, sharp))
-            out_ssim.append(ssim(restored, sharp))
-            in_psnr.append(psnr(blurred, sharp))
-            if log_images and i < 2:
+            scores[i] = torch.tensor([psnr(restored, sharp), ssim(restored, sharp), psnr(blurred, sharp)],
+                                     dtype=torch.float64)
+            if log_images and self.dist.is_main and shown < 2:
                 tracking.log_image(viz.triptych(blurred, restored, sharp), f"val/step_{self.step:06d}_{i}.png")
+        if world > 1:
+            # each record's row is filled by one rank and zero elsewhere: the sum is exact
+            scores = scores.to(self.device)
+            dist.all_reduce(scores)
+            scores = scores.cpu()
+        out_psnr, out_ssim, in_psnr = (scores[:, k].tolist() for k in range(3))
         return {"val_psnr": float(np.mean(out_psnr)), "val_ssim": float(np.mean(out_ssim)),
                 "val_input_psnr": float(np.mean(in_psnr))}
 
@@ -422,20 +504,20 @@ class Trainer:
             if main and logged is not None and (self.step % self.cfg.log_every == 0 or self.step == 1):
                 elapsed = time.perf_counter() - window_start
                 logged.update(lr=self.scheduler.get_last_lr()[0], patches_per_s=window_patches / max(elapsed, 1e-9),
-                              skipped_steps=self.skipped_steps)
+                              skipped_steps=self.skipped_steps, cpu_hours=self.cpu_seconds() / 3600)
                 tracking.log_metrics(logged, step=self.step)
-                self.history.append({"step": self.step, **{k: logged[k] for k in ("loss", "lr", "grad_norm")}})
+                self.history.append({"step": self.step,
+                                     **{k: logged[k] for k in ("loss", "lr", "grad_norm", "cpu_hours")}})
                 window_start, window_patches = time.perf_counter(), 0
             at_end = self.step >= self.cfg.max_steps
             if self.step % self.cfg.val_every == 0 or at_end:
-                stop = False
+                metrics = self.validate(log_images=True)     # every rank: sharded, same result on each
                 if main:
-                    metrics = self.validate(log_images=True)
                     tracking.log_metrics(metrics, step=self.step)
-                    self.history.append({"step": self.step, **metrics})
+                    self.history.append({"step": self.step, **metrics, "cpu_hours": self.cpu_seconds() / 3600})
                     bar.write(f"[train] step {self.step}: val PSNR {metrics['val_psnr']:.2f} dB "
                               f"(blurred input {metrics['val_input_psnr']:.2f} dB)")
-                    stop = self._after_validation(metrics)
+                stop = self._after_validation(metrics)       # saves on rank 0 only
                 if self._broadcast_flag(stop):
                     if main:
                         bar.write(f"[train] early stop at step {self.step}: no improvement in "
@@ -466,7 +548,7 @@ class Trainer:
 def write_curve(history: list[dict], path: Path) -> None:
     """Training curve as CSV for ``dvc plots`` (one row per logged step)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["step", "loss", "lr", "grad_norm", "val_psnr", "val_input_psnr", "val_ssim"]
+    fields = ["step", "loss", "lr", "grad_norm", "val_psnr", "val_input_psnr", "val_ssim", "cpu_hours"]
     rows: dict[int, dict] = {}
     for entry in history:
         rows.setdefault(entry["step"], {"step": entry["step"]}).update(entry)

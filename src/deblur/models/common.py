@@ -9,19 +9,26 @@ from torch import nn
 from deblur.registry import Registry
 
 MODELS: Registry = Registry("model")
+PADDING_MODES = ("reflect", "zeros")
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str = "reflect") -> torch.Tensor:
     """Pad the bottom and right of ``x`` so H and W are multiples of ``multiple``.
 
-    Reflect padding where the image is large enough for it, replicate padding otherwise
-    (reflection needs the pad to be smaller than the side).
+    ``mode="reflect"``: reflect padding where the image is large enough for it, replicate
+    padding otherwise (reflection needs the pad to be smaller than the side). ``mode="zeros"``:
+    zero padding, as the official NAFNet's ``check_image_size`` (needed to reproduce its
+    outputs exactly at sizes that are not multiples).
     """
+    if mode not in PADDING_MODES:
+        raise ValueError(f"padding mode {mode!r}; known: {list(PADDING_MODES)}")
     h, w = x.shape[-2:]
     pad_h = -h % multiple
     pad_w = -w % multiple
     if pad_h == 0 and pad_w == 0:
         return x
+    if mode == "zeros":
+        return F.pad(x, (0, pad_w, 0, pad_h))
     mode = "reflect" if pad_h < h and pad_w < w else "replicate"
     return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
@@ -45,13 +52,14 @@ class ResidualRestorer(nn.Module):
     """
 
     size_multiple: int = 1
+    padding: str = "reflect"        # how forward pads to size_multiple (pad_to_multiple's mode)
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        padded = pad_to_multiple(x, self.size_multiple)
+        padded = pad_to_multiple(x, self.size_multiple, self.padding)
         out = padded + self.body(padded)
         return out[..., :h, :w]
 

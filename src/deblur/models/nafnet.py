@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deblur.models.common import MODELS, ResidualRestorer, start_near_identity
+from deblur.models.common import MODELS, PADDING_MODES, ResidualRestorer, start_near_identity
 
 LAYER_NORM_EPS = 1e-6
 EXPANSION = 2  # channel expansion of the depthwise branch and of the FFN (as in the paper)
@@ -120,6 +120,9 @@ class NAFNet(ResidualRestorer):
 
     ``tlc``/``tlc_factor``: at inference (``prepare_inference``) global pooling becomes
     local pooling over ``tlc_factor * train_patch_size`` pixels (see ``use_local_pooling``).
+    ``padding``: how an input whose sides are not multiples of ``2 ** len(enc_blocks)`` is
+    padded (``reflect``, or ``zeros`` as the official implementation, for its weights to give
+    exactly its outputs; see ``deblur.official``).
     """
 
     def __init__(
@@ -130,10 +133,14 @@ class NAFNet(ResidualRestorer):
         dec_blocks: tuple[int, ...],
         tlc: bool,
         tlc_factor: float,
+        padding: str,
     ) -> None:
         super().__init__()
         if len(enc_blocks) != len(dec_blocks):
             raise ValueError("nafnet: enc_blocks and dec_blocks must have the same length")
+        if padding not in PADDING_MODES:
+            raise ValueError(f"nafnet: padding {padding!r}; known: {list(PADDING_MODES)}")
+        self.padding = padding
         self.tlc = tlc
         self.tlc_factor = tlc_factor
         self.size_multiple = 2 ** len(enc_blocks)
