@@ -13,6 +13,17 @@ batch), with its camera-shake PSNR at each, to choose the serving tiling.
 
 Writes bench/results/quality_speed.{json,md}, documentation/img/quality_speed.png and
 triptychs documentation/img/results_*.png.
+
+``--shake-buckets`` instead scores camera shake per kernel-size bucket (``<=21``, ``23-41``,
+``>=43`` px: ``deblur.evaluation.KERNEL_BUCKET_EDGES``) on the 4 scikit-image held-out photos
+plus the photos fetched once by ``bench/fetch_heldout_photos.sh`` (``--heldout-dir``), each
+downscaled to ``--bucket-max-side`` and centre-cropped to at most ``--crop`` px square. Every
+(photo, bucket) pair gets its own seeded camera-shake kernel whose support lies in the bucket,
+so each bucket has as many kernels as photos (drawn as the synthesize stage draws camera shake,
+kept when the support falls in the bucket). Rows: blurred input, Richardson-Lucy with the
+true kernel, each ``--checkpoint``. Writes bench/results/shake_buckets.{json,md}:
+
+    python bench/bench_quality_speed.py --shake-buckets [--reuse-references] --checkpoint a.pt [--checkpoint b.pt ...]
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +40,10 @@ import torch
 from deblur import viz
 from deblur.checkpoints import load_checkpoint, model_from_checkpoint
 from deblur.config import ModelConfig, load_params
-from deblur.data.blur import apply_blur, sample_blur
+from deblur.data.blur import BlurSpec, apply_blur, motion_kernel, sample_blur
 from deblur.data.ingest import downscale
-from deblur.evaluation import classical_deconvolution
-from deblur.imageio import write_png
+from deblur.evaluation import classical_deconvolution, kernel_bucket, kernel_buckets
+from deblur.imageio import read_rgb, write_png
 from deblur.metrics import psnr, ssim
 from deblur.models import build_model, configure_inference, count_parameters
 from deblur.tiling import deblur_array
@@ -41,6 +53,9 @@ RESULTS = ROOT / "bench" / "results"
 IMG = ROOT / "documentation" / "img"
 HELD_OUT = ("astronaut", "chelsea", "coffee", "retina")
 BLUR_TYPES = ("motion", "gaussian", "defocus", "lens")
+HELD_OUT_DIR = ROOT / "data" / "heldout_photos"    # bench/fetch_heldout_photos.sh
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+MIN_BUCKET_PHOTOS = 20
 
 
 def held_out_photos(max_side: int) -> dict[str, np.ndarray]:
@@ -90,6 +105,156 @@ def parse_speed_only(spec: str, base: ModelConfig) -> ModelConfig:
     return ModelConfig.model_validate({**base.model_dump(), "name": name, name: arch})
 
 
+def bucket_photos(heldout_dir: Path, max_side: int, crop: int) -> dict[str, np.ndarray]:
+    """scikit-image's held-out photos plus those in ``heldout_dir``: downscaled, then centre-cropped to <= crop²."""
+    import skimage.data
+
+    if not heldout_dir.is_dir():
+        raise SystemExit(f"{heldout_dir}: no held-out photos; run bench/fetch_heldout_photos.sh {heldout_dir}")
+    photos = {name: getattr(skimage.data, name)()[..., :3] for name in HELD_OUT}
+    photos.update({p.stem: read_rgb(p) for p in sorted(heldout_dir.iterdir()) if p.suffix.lower() in PHOTO_SUFFIXES})
+    if len(photos) < MIN_BUCKET_PHOTOS:
+        raise SystemExit(f"only {len(photos)} held-out photos, need {MIN_BUCKET_PHOTOS}; "
+                         f"run bench/fetch_heldout_photos.sh {heldout_dir}")
+    return {name: centre_crop(downscale(rgb, max_side), crop) for name, rgb in photos.items()}
+
+
+def centre_crop(rgb: np.ndarray, side: int) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    top, left = max(0, (h - side) // 2), max(0, (w - side) // 2)
+    return np.ascontiguousarray(rgb[top:top + side, left:left + side])
+
+
+def bucket_kernel(rng: np.random.Generator, motion, low: int, high: int | None, tries: int = 2000) -> np.ndarray:
+    """A camera-shake kernel drawn as the synthesize stage draws them (``synthesize.motion``), redrawn
+    until its support side lies in [low, high]: the synthetic distribution, conditioned on the bucket."""
+    for _ in range(tries):
+        kernel, _ = motion_kernel(rng, motion)
+        if low <= kernel.shape[-1] and (high is None or kernel.shape[-1] <= high):
+            return kernel
+    raise RuntimeError(f"no camera-shake kernel with support in [{low}, {high}] px after {tries} draws")
+
+
+def shake_bucket_set(photos, params, seed: int):
+    """(photo, bucket label) -> (blurred, sharp, kernel): one seeded kernel per photo and bucket."""
+    cfg = params.synthesize
+    out = {}
+    for name, sharp in photos.items():
+        for b, (label, low, high) in enumerate(kernel_buckets()):
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode()), b])
+            kernel = bucket_kernel(rng, cfg.motion, low, high)
+            spec = BlurSpec("motion", kernel, {"size": int(kernel.shape[-1]),
+                                               "noise_sigma": float(rng.uniform(0.0, cfg.noise_sigma_max))})
+            out[name, label] = (apply_blur(sharp, spec, cfg, rng), sharp, kernel)
+    return out
+
+
+def score_buckets(restore, data) -> tuple[dict, dict]:
+    """Per bucket: n, mean PSNR/SSIM; and per (photo, bucket) PSNR/SSIM."""
+    per_image = {}
+    for (name, label), (blurred, sharp, kernel) in data.items():
+        out = restore(blurred, kernel)
+        per_image[f"{name}|{label}"] = {"psnr": round(psnr(out, sharp), 3), "ssim": round(ssim(out, sharp), 4)}
+    per_bucket = {}
+    for label, _, _ in kernel_buckets():
+        scores = [v for k, v in per_image.items() if k.endswith(f"|{label}")]
+        per_bucket[label] = ({"n": len(scores), "psnr": round(float(np.mean([s["psnr"] for s in scores])), 3),
+                              "ssim": round(float(np.mean([s["ssim"] for s in scores])), 4)} if scores else {"n": 0})
+    return per_bucket, per_image
+
+
+def run_shake_buckets(args, params) -> int:
+    """Camera shake per kernel-size bucket: blurred input, RL with the true kernel, each checkpoint."""
+    tiling = params.tiling
+    photos = bucket_photos(Path(args.heldout_dir), args.bucket_max_side, args.crop)
+    data = shake_bucket_set(photos, params, args.seed)
+    assert all(kernel_bucket(k.shape[-1]) == label for (_, label), (_, _, k) in data.items())
+
+    def richardson_lucy(blurred, kernel):
+        return classical_deconvolution(blurred, kernel, "richardson_lucy", params.evaluate.rl_iterations,
+                                       params.synthesize.gamma)
+
+    kernels = {label: sorted(int(k.shape[-1]) for (_, l), (_, _, k) in data.items() if l == label)
+               for label, _, _ in kernel_buckets()}
+    meta = {"photos": {name: list(rgb.shape[:2]) for name, rgb in photos.items()}, "seed": args.seed,
+            "bucket_max_side": args.bucket_max_side, "crop": args.crop, "kernel_sizes": kernels,
+            "noise_sigma_max": params.synthesize.noise_sigma_max, "gamma": params.synthesize.gamma,
+            "rl_iterations": params.evaluate.rl_iterations}
+    methods = [("blurred input", "reference", lambda b, k: b),
+               ("Richardson-Lucy (true kernel)", "reference", richardson_lucy)]
+    rows = reused_references(meta) if args.reuse_references else []
+    input_images = None
+    if rows:
+        print("reusing the blurred-input and Richardson-Lucy rows of", RESULTS / "shake_buckets.json")
+        methods, input_images = [], rows[0]["per_image"]
+    for path in args.checkpoint:
+        model = model_from_checkpoint(load_checkpoint(path))
+        methods.append((str(path), "trained", lambda b, k, model=model: deblur_array(model, b, tiling)))
+    for name, kind, restore in methods:
+        start = time.perf_counter()
+        per_bucket, per_image = score_buckets(restore, data)
+        input_images = input_images or per_image
+        for label, bucket in per_bucket.items():
+            if bucket["n"]:
+                gains = [per_image[k]["psnr"] - v["psnr"] for k, v in input_images.items() if k.endswith(f"|{label}")]
+                bucket.update(gain_db=round(float(np.mean(gains)), 3),
+                              better_than_input=int(np.sum(np.array(gains) > 0)))
+        rows.append({"name": name, "kind": kind, "per_bucket": per_bucket, "per_image": per_image,
+                     "seconds": round(time.perf_counter() - start, 1)})
+        print(name, per_bucket, flush=True)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta.update(threads=args.threads, tiling=tiling.model_dump(), torch=torch.__version__,
+                when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    (RESULTS / "shake_buckets.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_bucket_markdown(rows, meta)
+    return 0
+
+
+def reused_references(meta: dict) -> list[dict]:
+    """The blurred-input and Richardson-Lucy rows of the last --shake-buckets run when it scored the
+    same set (photos, seed, crop, kernel sides, noise, gamma, RL iterations); else []."""
+    path = RESULTS / "shake_buckets.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    if any(old["meta"].get(key) != value for key, value in meta.items()):
+        print(f"{path}: another held-out set or settings; recomputing the references")
+        return []
+    return [r for r in old["rows"] if r["kind"] == "reference"]
+
+
+def write_bucket_markdown(rows, meta) -> None:
+    labels = [label for label, _, _ in kernel_buckets()]
+    kernels = meta["kernel_sizes"]
+    n = len(meta["photos"])
+    lines = [f"Camera shake per kernel-size bucket (support side in px): {n} held-out photos, each downscaled to a "
+             f"longer side of at most {meta['bucket_max_side']} px and centre-cropped to at most {meta['crop']}² px, "
+             f"one seeded kernel per photo and bucket (seed {meta['seed']}; kernel sides "
+             + "; ".join(f"{label}: {min(kernels[label])}-{max(kernels[label])}" for label in labels if kernels[label])
+             + f"), sensor noise up to {meta['noise_sigma_max']}, Richardson-Lucy {meta['rl_iterations']} iterations "
+             f"in linear light, tile {meta['tiling']['tile_size']} overlap {meta['tiling']['overlap']}, "
+             f"{meta['threads']} CPU threads, {meta['when']}.", "",
+             "PSNR / SSIM, (mean gain over the blurred input in dB, photos better than the input).", "",
+             "| method | " + " | ".join(f"{label} px (n={kernels_n})" for label, kernels_n in
+                                      ((label, len(kernels[label])) for label in labels)) + " |",
+             "|---|" + "---|" * len(labels)]
+    for r in rows:
+        cells = []
+        for label in labels:
+            b = r["per_bucket"][label]
+            if not b["n"]:
+                cells.append("-")
+            elif r["kind"] == "reference" and r["name"] == "blurred input":
+                cells.append(f"{b['psnr']:.2f} / {b['ssim']:.3f}")
+            else:
+                cells.append(f"{b['psnr']:.2f} / {b['ssim']:.3f} "
+                             f"({b['gain_db']:+.2f}, {b['better_than_input']}/{b['n']})")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    (RESULTS / "shake_buckets.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
@@ -98,9 +263,20 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-side", type=int, default=512)
     parser.add_argument("--tile-sweep", nargs="*", type=int, default=[], help="tile sizes to time the first checkpoint at")
+    parser.add_argument("--shake-buckets", action="store_true",
+                        help="camera shake per kernel-size bucket on >= 20 held-out photos (no speed, no other blur)")
+    parser.add_argument("--heldout-dir", default=str(HELD_OUT_DIR), help="photos from bench/fetch_heldout_photos.sh")
+    parser.add_argument("--bucket-max-side", type=int, default=1024, help="--shake-buckets: downscale to this longer side")
+    parser.add_argument("--crop", type=int, default=512, help="--shake-buckets: then centre-crop to at most this square")
+    parser.add_argument("--seed", type=int, default=1234, help="--shake-buckets: kernels and noise")
+    parser.add_argument("--reuse-references", action="store_true",
+                        help="--shake-buckets: take the input and Richardson-Lucy rows (7 of the 9 minutes) from the "
+                             "last results/shake_buckets.json when it scored the same set")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
+    if args.shake_buckets:
+        return run_shake_buckets(args, params)
     tiling = params.tiling
     photos = held_out_photos(args.max_side)
     data = blurred_set(photos, params)

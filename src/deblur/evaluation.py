@@ -4,7 +4,8 @@ For each test pair: the model's output (tiled inference, the same code as the HT
 service), the blurred input itself, and, where the PSF is known, a classical
 non-blind deconvolution (Richardson-Lucy or Wiener from scikit-image, in linear light).
 The sharp-in check runs unblurred test photos through the model: a good deblurrer leaves
-them almost unchanged.
+them almost unchanged. Camera shake is also reported per kernel-size bucket
+(``KERNEL_BUCKET_EDGES``; documentation/metrics.md), since its difficulty grows with the kernel.
 """
 
 from __future__ import annotations
@@ -26,6 +27,32 @@ from deblur.tiling import deblur_array
 
 METHODS = ("model", "input", "baseline")
 METHOD_LABELS = {"model": "model", "input": "blurred input", "baseline": "classical (true PSF)"}
+BUCKETED_BLUR_TYPE = "motion"        # camera shake: the blur type reported per kernel-size bucket
+KERNEL_BUCKET_EDGES = (21, 41)       # px, largest kernel side of each bucket but the last: <=21, 23-41, >=43
+
+
+def kernel_buckets() -> list[tuple[str, int, int | None]]:
+    """(label, smallest side, largest side or None) of each kernel-size bucket, smallest first.
+
+    Kernel sides are odd, so the bucket after an edge e starts at e + 2: ``<=21``, ``23-41``, ``>=43``.
+    """
+    lows = (1, *(edge + 2 for edge in KERNEL_BUCKET_EDGES))
+    highs = (*KERNEL_BUCKET_EDGES, None)
+    labels = [f"<={highs[0]}", *(f"{lo}-{hi}" for lo, hi in zip(lows[1:-1], highs[1:-1])), f">={lows[-1]}"]
+    return list(zip(labels, lows, highs))
+
+
+def kernel_bucket(size: int) -> str:
+    """The bucket label of a kernel side in px (an even side goes with the odd side above it)."""
+    for label, _, high in kernel_buckets():
+        if high is None or size <= high:
+            return label
+    raise AssertionError("unreachable: the last bucket has no upper bound")
+
+
+def bucket_key(label: str) -> str:
+    """A bucket label as a metric-name part: ``<=21`` -> ``kle21``, ``23-41`` -> ``k23_41``, ``>=43`` -> ``kge43``."""
+    return "k" + label.replace("<=", "le").replace(">=", "ge").replace("-", "_")
 
 
 @dataclass
@@ -34,6 +61,14 @@ class ImageResult:
     blur_type: str
     scores: dict[str, float]          # e.g. model_psnr, input_ssim, baseline_psnr
     images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    kernel_size: int | None = None    # side of the PSF's support in px; None for real blur
+
+    @property
+    def kernel_bucket(self) -> str | None:
+        """The kernel-size bucket of a camera-shake pair; None for other blur types."""
+        if self.blur_type != BUCKETED_BLUR_TYPE or self.kernel_size is None:
+            return None
+        return kernel_bucket(self.kernel_size)
 
 
 @dataclass
@@ -42,25 +77,43 @@ class EvalResult:
     sharp_in_psnr: list[float]
 
     def summary(self) -> dict:
-        """metrics.json content: overall, per blur type, sharp-in."""
-        def mean_scores(rows: list[ImageResult]) -> dict[str, float]:
-            keys = sorted({k for r in rows for k in r.scores})
-            return {k: round(float(np.mean([r.scores[k] for r in rows if k in r.scores])), 4) for k in keys}
+        """metrics.json content: overall, per blur type, camera shake per kernel-size bucket, sharp-in.
 
+        Every bucket is listed; one without pairs holds only ``n: 0``.
+        """
         by_type: dict[str, list[ImageResult]] = defaultdict(list)
+        by_bucket: dict[str, list[ImageResult]] = defaultdict(list)
         for r in self.images:
             by_type[r.blur_type].append(r)
+            if r.kernel_bucket is not None:
+                by_bucket[r.kernel_bucket].append(r)
         overall = mean_scores(self.images)
         overall["gain_over_input_db"] = round(overall["model_psnr"] - overall["input_psnr"], 4)
         out = {
             "n_images": len(self.images),
             "overall": overall,
             "per_blur_type": {t: {"n": len(rows), **mean_scores(rows)} for t, rows in sorted(by_type.items())},
+            "per_kernel_bucket": {BUCKETED_BLUR_TYPE: {label: bucket_scores(by_bucket[label])
+                                                       for label, _, _ in kernel_buckets()}},
         }
         if self.sharp_in_psnr:
             out["sharp_in"] = {"n": len(self.sharp_in_psnr), "psnr": round(float(np.mean(self.sharp_in_psnr)), 4),
                                "min_psnr": round(float(np.min(self.sharp_in_psnr)), 4)}
         return out
+
+
+def mean_scores(rows: list[ImageResult]) -> dict[str, float]:
+    """Mean of each score over the rows that have it, rounded to 4 decimals."""
+    keys = sorted({k for r in rows for k in r.scores})
+    return {k: round(float(np.mean([r.scores[k] for r in rows if k in r.scores])), 4) for k in keys}
+
+
+def bucket_scores(rows: list[ImageResult]) -> dict[str, float]:
+    """``n``, the mean scores and the model's gain over the input; ``{"n": 0}`` for an empty bucket."""
+    if not rows:
+        return {"n": 0}
+    scores = mean_scores(rows)
+    return {"n": len(rows), **scores, "gain_over_input_db": round(scores["model_psnr"] - scores["input_psnr"], 4)}
 
 
 def classical_deconvolution(blurred: np.ndarray, kernel: np.ndarray, method: str, iterations: int,
@@ -98,7 +151,7 @@ def evaluate_model(model, records: list[PairRecord], tiling: TilingConfig, cfg: 
             baseline = classical_deconvolution(blurred, np.load(rec.kernel_path), cfg.classical_baseline,
                                                cfg.rl_iterations, gamma)
             scores.update(baseline_psnr=psnr(baseline, sharp), baseline_ssim=ssim(baseline, sharp))
-        results.append(ImageResult(rec.id, rec.blur_type, scores, images))
+        results.append(ImageResult(rec.id, rec.blur_type, scores, images, rec.kernel_size))
     sharp_in = [psnr(deblur_array(model, img, tiling), img) for img in (read_rgb(p) for p in sharp_in_paths)]
     return EvalResult(results, sharp_in)
 
@@ -108,9 +161,10 @@ def write_per_image_csv(result: EvalResult, path: Path) -> None:
     keys = sorted({k for r in result.images for k in r.scores})
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", "blur_type", *keys])
+        writer.writerow(["id", "blur_type", "kernel_size", "kernel_bucket", *keys])
         for r in result.images:
-            writer.writerow([r.id, r.blur_type, *[f"{r.scores[k]:.4f}" if k in r.scores else "" for k in keys]])
+            writer.writerow([r.id, r.blur_type, "" if r.kernel_size is None else r.kernel_size, r.kernel_bucket or "",
+                             *[f"{r.scores[k]:.4f}" if k in r.scores else "" for k in keys]])
 
 
 def write_per_blur_csv(summary: dict, path: Path) -> None:

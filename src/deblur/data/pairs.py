@@ -6,6 +6,10 @@ Layout of a pairs folder (written by ``deblur.data.synthesize``)::
     <pairs>/<split>/blur_images/<id>.png
     <pairs>/<split>/kernels/<id>.npy        (synthetic blur only)
     <pairs>/<split>/blur_types.json         (one JSON object a line, paths relative to <split>/)
+
+Each line's ``kernel`` object holds the drawn parameters, ``size`` (the side of the PSF's
+support in pixels, odd; for camera shake the drawn ``canvas`` cropped to its non-zero taps)
+and ``shape``; ``kernel`` is null for real (GoPro) pairs.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class PairRecord:
     kernel_path: Path | None     # float32 PSF (k, k) or (3, k, k); None for real blur
     source: str                  # manifest source: gopro | folder | skimage | dead_leaves
     name: str                    # manifest name of the sharp image (shared by its pairs)
+    kernel_size: int | None = None   # side of the PSF's support in px (odd); None for real blur
 
     @property
     def is_synthetic_scene(self) -> bool:
@@ -59,7 +64,8 @@ def _record(line: str, split_dir: Path, index: Path, number: int) -> PairRecord:
         record = PairRecord(
             id=entry["id"], clear_path=split_dir / entry["clear_image"], blur_path=split_dir / entry["blur_image"],
             blur_type=entry["blur_type"], kernel_path=split_dir / kernel["file"] if kernel else None,
-            source=entry["source"], name=entry["name"])
+            source=entry["source"], name=entry["name"],
+            kernel_size=int(kernel.get("size", kernel["shape"][-1])) if kernel else None)
     except (json.JSONDecodeError, TypeError, KeyError) as err:
         raise PairsError(f"{index}:{number}: not a pair record ({type(err).__name__}: {err})") from err
     for path in (record.clear_path, record.blur_path, record.kernel_path):

@@ -39,10 +39,16 @@ def evaluation_inputs(pairs_dir: Path, cfg: EvaluateConfig) -> tuple[list, list[
 
 
 def flat_test_metrics(summary: dict) -> dict[str, float]:
-    """metrics.json flattened to MLflow metric names: ``test_model_psnr``, ``test_motion_model_psnr``..."""
+    """metrics.json flattened to MLflow metric names: ``test_model_psnr``, ``test_motion_model_psnr``,
+    per kernel-size bucket ``test_motion_k23_41_model_psnr``, ``test_motion_kle21_n``..."""
+    from deblur.evaluation import bucket_key
+
     flat = {f"test_{k}": v for k, v in summary["overall"].items()}
     for blur_type, scores in summary["per_blur_type"].items():
         flat.update({f"test_{blur_type}_{k}": v for k, v in scores.items()})
+    for blur_type, buckets in summary.get("per_kernel_bucket", {}).items():
+        for label, scores in buckets.items():
+            flat.update({f"test_{blur_type}_{bucket_key(label)}_{k}": v for k, v in scores.items()})
     if "sharp_in" in summary:
         flat.update(sharp_in_psnr=summary["sharp_in"]["psnr"], sharp_in_min_psnr=summary["sharp_in"]["min_psnr"])
     return flat
