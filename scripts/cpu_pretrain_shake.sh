@@ -85,6 +85,10 @@ copy_ckpt() {  # copy_ckpt SRC DST: atomic, size-capped, never to an earlier ste
   local src=$1 dst=$2 size new old
   if [[ ! -f $src ]]; then say "no $src: nothing to save"; return 0; fi
   size=$(stat -c %s "$src")
+  if (( size > max_bytes )) && [[ $(basename "$src") == last.pt ]]; then
+    compact "$src" "$work/last.compact.pt"
+    src=$work/last.compact.pt; size=$(stat -c %s "$src")
+  fi
   if (( size > max_bytes )); then
     say "$src is $(( size / 1024 / 1024 )) MB, over ${MAX_MB:-25} MB: not copied to $dst"; return 0
   fi
@@ -99,6 +103,23 @@ copy_ckpt() {  # copy_ckpt SRC DST: atomic, size-capped, never to an earlier ste
   cp "$src" "$dst.tmp.$$" && mv -f "$dst.tmp.$$" "$dst"
   say "saved $src -> $dst (code: $(cat "$work/code/COMMIT" 2>/dev/null || echo "${CODE:-?}"))"
   say "   ($(( size / 1024 )) KiB, $(ckpt_info "$dst"))"
+}
+
+# A last.pt over MAX_MB (a larger model) is committed compact: Adam's moments in bf16 (torch casts
+# them back to fp32 on load; relative error ~0.4 %) and without the copy of the best checkpoint,
+# which best.pt holds anyway. Resuming from it continues the same schedule, step and RNG state.
+compact() {
+  "$py" - "$1" "$2" <<'PY'
+import sys, torch
+c = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
+c.pop("best_checkpoint", None)
+for state in c["optimizer"]["state"].values():
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key] = state[key].to(torch.bfloat16)
+torch.save(c, sys.argv[2])
+PY
+  say "$1 is over ${MAX_MB:-25} MB: compacted to $2 ($(( $(stat -c %s "$2") / 1024 / 1024 )) MB)"
 }
 
 ckpt_digest() { ckpt_info "$1" | sed -E 's/.*digest=//'; }
