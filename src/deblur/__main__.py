@@ -1,5 +1,7 @@
-"""The ``deblur`` command (also ``python -m deblur``): model import commands.
+"""The ``deblur`` command (also ``python -m deblur``).
 
+    deblur predict photo.jpg shots/ -o sharp/ [--model models:/deblur@champion]   # deblur files
+    deblur serve [--port 7071]                                                     # the HTTP service
     deblur import-checkpoint NAFNet-GoPro-width32.pth --licence MIT   # official weights -> gate
     deblur import-pretrained [--register checkpoints/pretrained/nafnet16.pt]
 
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from deblur.cli import fail_cleanly
+from deblur.errors import DeblurError
 
 
 def _import_checkpoint(args: argparse.Namespace) -> int:
@@ -23,10 +26,52 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
                         args.serving_dir, args.padding, args.train_patch_size, args.param_key)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from deblur import predict
+    from deblur.serving import ServingError
+
+    try:
+        return predict.run(args.inputs, args.out, args.model, args.params, args.format, args.tile_size, args.overlap,
+                           args.quality, args.threads)
+    except (DeblurError, ServingError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+    except ValidationError as err:   # tiling overrides out of range
+        print(f"error: --tile-size/--overlap: {err.errors()[0]['msg']}", file=sys.stderr)
+    return 2
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="deblur", description="Single-image deblurring: model import commands "
-                                  "(the pipeline itself runs with `dvc repro`, see README.md).")
+    top = argparse.ArgumentParser(prog="deblur", description="Single-image deblurring: deblur files, serve the "
+                                  "HTTP API, import models (the pipeline itself runs with `dvc repro`, see README.md).")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pred = commands.add_parser(
+        "predict", help="deblur image files, folders or globs with the champion (or another model)",
+        description="Deblur images on the CPU with seam-free tiled inference, as the HTTP service does. "
+                    "Outputs go to OUT/<name>.<format> (images found in a folder keep their path below it). "
+                    "Unreadable files are skipped and listed; the exit code is 0 when every image was written, "
+                    "1 when some were skipped, 2 when nothing could start (no inputs, no model).")
+    pred.add_argument("inputs", nargs="+", metavar="IN", help="image files, folders (recursive) or glob patterns")
+    pred.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
+    pred.add_argument("--model", default="function_app/model",
+                      help="a serving artifact folder (default: the exported champion, function_app/model) "
+                           "or a registry URI, models:/<name>@<alias> or models:/<name>/<version> "
+                           "(MLFLOW_TRACKING_URI, default sqlite:///mlflow.db)")
+    pred.add_argument("--format", choices=("same", "png", "jpeg", "webp"), default="same",
+                      help="output format (default: as the input; PNG for TIFF/BMP inputs)")
+    pred.add_argument("--tile-size", type=int, default=None, help="tile size (default: the model's tiling)")
+    pred.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the model's tiling)")
+    pred.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
+    pred.add_argument("--threads", type=int, default=None, help="CPU threads (default: the model's serving setting)")
+    pred.add_argument("--params", type=Path, default=Path("params.yaml"),
+                      help="tiling for a models:/ URI whose model carries none (default params.yaml)")
+    pred.set_defaults(run=_predict)
+
+    # listed for --help; main() hands its arguments, --help included, to deblur.webapp
+    commands.add_parser("serve", add_help=False,
+                        help="serve the HTTP API and web page (deblur.webapp: --host, --port, --model-dir)")
 
     one = commands.add_parser(
         "import-checkpoint", help="register an official NAFNet checkpoint (.pth) through the promotion gate",
@@ -59,6 +104,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from deblur import webapp
+
+        webapp.main(argv[1:])
+        return 0
     if argv[:1] == ["import-pretrained"]:
         from deblur import import_pretrained
 

@@ -160,12 +160,12 @@ def load_serving_model(model_dir: str | Path, threads: int | None = None) -> Ser
     )
 
 
-def load_from_model_uri(uri: str, tiling: TilingConfig, threads: int) -> ServingModel:
+def load_from_model_uri(uri: str, tiling: TilingConfig | None, threads: int) -> ServingModel:
     """Load the checkpoint inside a registered model (``models:/<name>@<alias>`` or ``models:/<name>/<version>``).
 
     Downloads the model's artifacts with MLflow (``MLFLOW_TRACKING_URI``) and loads the one
     ``*.pt`` file among them. ``tiling`` is used unless the pyfunc was logged with its own
-    (``model_config={"tiling": ...}``, see deblur.mlflow_model).
+    (``model_config={"tiling": ...}``, see deblur.mlflow_model); with None the model must carry one.
     """
     import mlflow
     import yaml
@@ -184,6 +184,8 @@ def load_from_model_uri(uri: str, tiling: TilingConfig, threads: int) -> Serving
         logged = flavor.get("config") or {}
         if "tiling" in logged:
             tiling = TilingConfig.model_validate(logged["tiling"])
+    if tiling is None:
+        raise ServingError(f"{uri}: the model was logged without a tiling; give one (a params.yaml with a tiling section)")
     torch.set_num_threads(threads)
     meta = {"name": name, "alias": alias, "version": registered.version, "run_id": registered.run_id,
             "architecture": None, "tiling": tiling.model_dump()}
