@@ -6,7 +6,9 @@ BIN := $(abspath $(VENV)/bin)
 PORT ?= 7071
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo repro test test-fast serve function-package bench clean-pipeline
+DVC_REMOTE ?= $(abspath ../deblur-dvc-store)
+
+.PHONY: install demo repro test test-fast serve function-package bench clean-pipeline dvc-remote
 
 install: $(VENV)/.installed
 
@@ -41,3 +43,11 @@ function-package: install
 bench: install
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_serving.py --model-dir function_app/model
+
+# A default DVC remote in a local folder (a shared disk for a team): `make dvc-remote [DVC_REMOTE=/srv/dvc]`,
+# then `dvc push`; a fresh clone runs `dvc pull`. Azure Blob / S3: documentation/pipeline.md.
+dvc-remote:
+	@test -d .dvc || $(BIN)/dvc init -q
+	mkdir -p $(DVC_REMOTE)
+	$(BIN)/dvc remote add --default --force local $(DVC_REMOTE)
+	@echo "DVC remote 'local' -> $(DVC_REMOTE) (.dvc/config); now: dvc push"

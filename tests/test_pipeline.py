@@ -111,8 +111,21 @@ def test_dvc_repro_then_every_follow_up_a_user_tries(project, mlflow_uri):
 
     assert ran(dvc(root, env, "repro")) == set()                     # nothing changed: nothing runs
     assert len(stage_runs(mlflow_uri)) == 5
+    run(["make", "-f", str(ROOT / "Makefile"), "dvc-remote", f"DVC_REMOTE={root.parent / 'dvc-store'}",
+         f"VENV={ROOT / '.venv'}"], root, env)
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "baseline"], root, env)
+
+    # a teammate: push here, then a fresh clone pulls and has nothing to re-run
+    dvc(root, env, "push")
+    run(["git", "clone", "-q", str(root), str(root.parent / "clone")], root.parent, env)
+    clone = root.parent / "clone"
+    dvc(clone, env, "pull")
+    assert (clone / "checkpoints" / "best.pt").read_bytes() == (root / "checkpoints" / "best.pt").read_bytes()
+    served = sorted(p.name for p in (root / "function_app" / "model").iterdir())
+    assert served and sorted(p.name for p in (clone / "function_app" / "model").iterdir()) == served
+    assert "up to date" in dvc(clone, env, "status").stdout
+    assert ran(dvc(clone, env, "repro")) == set()
 
     # a tiling change re-scores and re-registers the same trained model
     tiled = dvc(root, env, "exp", "run", "-S", "tiling.tile_size=48")
