@@ -65,26 +65,30 @@ def train_step_seconds(params_path: Path, steps: int) -> float:
     return statistics.median(times)
 
 
-def frame_seconds(params_path: Path, threads: int, repeats: int) -> float:
-    """Median seconds of one tiled 1280x720 frame with the serving tiling of params.yaml."""
-    params = load_params(params_path)
+def frame_seconds(profiles: dict[str, Path], threads: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one tiled 1280x720 frame per profile's model, with the serving tiling of
+    params.yaml; the models take turns in each round, so a slow moment of the machine hits all."""
     serving = load_params(ROOT / "params.yaml")
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = configure_inference(build_model(params.model).eval(), params.model, params.train.patch_size)
+    models = {}
+    for name, path in profiles.items():
+        params = load_params(path)
+        torch.manual_seed(0)
+        models[name] = configure_inference(build_model(params.model).eval(), params.model, params.train.patch_size)
     frame = np.random.default_rng(0).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
-    deblur_array(model, frame, serving.tiling)   # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        deblur_array(model, frame, serving.tiling)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(repeats + 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            deblur_array(model, frame, serving.tiling)
+            if round_ > 0:   # round 0 warms up
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def val_psnr(checkpoint: Path, pairs_dir: Path, threads: int) -> tuple[int, float, float]:
+def val_psnr(checkpoint: Path, pairs_dir: Path, max_images: int, threads: int) -> tuple[int, float, float]:
     """(step, val PSNR, blurred-input PSNR) of a checkpoint on a run's val split, computed as the
-    trainer validates (whole images, inference form, uint8 output)."""
+    trainer validates (its first ``train.val_max_images`` pairs, whole images, inference form, uint8 output)."""
     from deblur.checkpoints import load_checkpoint, model_from_checkpoint
     from deblur.data.datasets import to_tensor, to_uint8
     from deblur.data.pairs import read_pairs
@@ -96,7 +100,7 @@ def val_psnr(checkpoint: Path, pairs_dir: Path, threads: int) -> tuple[int, floa
     model = model_from_checkpoint(ckpt)
     out, inp = [], []
     with torch.inference_mode():
-        for rec in read_pairs(pairs_dir, "val"):
+        for rec in read_pairs(pairs_dir, "val")[:max_images]:
             blurred, sharp = read_rgb(rec.blur_path), read_rgb(rec.clear_path)
             restored = to_uint8(model(to_tensor(blurred).unsqueeze(0))[0].float())
             out.append(psnr(restored, sharp))
@@ -105,10 +109,17 @@ def val_psnr(checkpoint: Path, pairs_dir: Path, threads: int) -> tuple[int, floa
 
 
 def validations(work: Path) -> list[tuple[int, float, float]]:
-    """(step, val PSNR, blurred-input PSNR) of every validation in the run's log, in order, last wins per step."""
+    """(step, val PSNR, blurred-input PSNR) of every validation of the run, in step order: from the
+    history in its last.pt (which spans earlier sessions) and its log (last wins per step)."""
+    by_step: dict[int, tuple[float, float]] = {}
+    last = work / "checkpoints" / "last.pt"
+    if last.exists():
+        for h in torch.load(last, map_location="cpu", weights_only=False).get("history", []):
+            if "val_psnr" in h:
+                by_step[int(h["step"])] = (round(float(h["val_psnr"]), 2), round(float(h["val_input_psnr"]), 2))
     log = work / "train.log"
     text = log.read_text(errors="replace") if log.exists() else ""
-    by_step = {int(s): (float(p), float(i)) for s, p, i in VAL_LINE.findall(text)}
+    by_step.update({int(s): (float(p), float(i)) for s, p, i in VAL_LINE.findall(text)})
     return [(s, *by_step[s]) for s in sorted(by_step)]
 
 
@@ -179,16 +190,18 @@ def main() -> None:
         profile, work = rest.split(":", 1)
         runs[name] = (Path(profile), Path(work))
 
-    baseline_frame = frame_seconds(ROOT / "params.yaml", args.threads, args.repeats)
+    frames = frame_seconds({"serving default": ROOT / "params.yaml", **{n: p for n, (p, _) in runs.items()}},
+                           args.threads, args.repeats)
+    baseline_frame = frames["serving default"]
     results, curves = {}, {}
     for name, (profile, work) in runs.items():
         step_s = train_step_seconds(profile, args.steps)
-        frame_s = frame_seconds(profile, args.threads, args.repeats)
+        frame_s = frames[name]
         params = load_params(profile)
         vals = validations(work)
         last = work / "checkpoints" / "last.pt"
         if last.exists():   # the point where the run stands now, between validations
-            step, p, i = val_psnr(last, work / "pairs", args.threads)
+            step, p, i = val_psnr(last, work / "pairs", params.train.val_max_images, args.threads)
             vals = sorted({s: (s, vp, vi) for s, vp, vi in [*vals, (step, p, i)]}.values())
         points = cpu_seconds_by_step(args.cpu_log, name, step_s)
         results[name] = {
@@ -198,8 +211,9 @@ def main() -> None:
             "validations": [{"step": s, "val_psnr": p, "val_input_psnr": i,
                              "cpu_hours": round(at_step(points, s, step_s) / 3600, 3)} for s, p, i in vals],
         }
-    first_work = next(iter(runs.values()))[1]
-    _, start, start_input = val_psnr(args.start, first_work / "pairs", args.threads)
+    first_profile, first_work = next(iter(runs.values()))
+    _, start, start_input = val_psnr(args.start, first_work / "pairs", load_params(first_profile).train.val_max_images,
+                                     args.threads)
     for name, res in results.items():
         rows = [{"cpu_hours": 0.0, "gain_db": 0.0}] + [
             {"cpu_hours": v["cpu_hours"], "gain_db": round(v["val_psnr"] - start, 3)} for v in res["validations"]]
