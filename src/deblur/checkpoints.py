@@ -111,8 +111,9 @@ def check_architecture(raw: dict, cfg: ModelConfig) -> None:
         raise RuntimeError(f"it holds nafnet {show(a)}; model.nafnet has {show(b)}")
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a deblur checkpoint, or an official NAFNet one (converted, see ``deblur.official``)."""
+def read_checkpoint_file(path: str | Path) -> dict:
+    """The dict a checkpoint file holds, as saved (deblur or official layout); CheckpointError
+    for a missing, unreadable or non-dict file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -122,6 +123,13 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a deblur checkpoint, or an official NAFNet one (converted, see ``deblur.official``)."""
+    path = Path(path)
+    ckpt = read_checkpoint_file(path)
     from deblur import official
 
     if official.is_official(ckpt):

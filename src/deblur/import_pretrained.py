@@ -77,14 +77,12 @@ def import_official(source: Path, name: str | None, licence: str, params_path: P
     """``deblur import-checkpoint``: convert an official NAFNet ``.pth`` (``deblur.official``), log it as
     an MLflow run and register it through the gate as ``register_checkpoint`` does for shipped
     checkpoints. None when a file with the same sha256 is registered already."""
-    import torch
-
-    from deblur.checkpoints import CheckpointError, save_atomic
+    from deblur.checkpoints import CheckpointError, read_checkpoint_file, save_atomic
     from deblur.config import NAFNetConfig, load_params
     from deblur.data.pairs import INDEX_NAME
     from deblur.official import Origin, convert, is_official
 
-    if not source.is_file():
+    if not source.is_file():   # before the pairs check: the file is what the user named
         raise CheckpointError(f"{source}: checkpoint not found")
     params = load_params(params_path)
     if not (pairs_dir / "test" / INDEX_NAME).is_file():
@@ -96,12 +94,9 @@ def import_official(source: Path, name: str | None, licence: str, params_path: P
     if existing:
         print(f"{source}: already registered as {model_name} v{existing[0]} (same sha256)")
         return None
-    try:
-        raw = torch.load(source, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(f"{source}: not a checkpoint torch can read ({type(err).__name__}: {err})") from err
+    raw = read_checkpoint_file(source)
     if not is_official(raw):
-        found = sorted(map(str, raw))[:10] if isinstance(raw, dict) else type(raw).__name__
+        found = sorted(map(str, raw))[:10]
         raise CheckpointError(f"{source}: unknown layout: expected an official NAFNet checkpoint (a dict with "
                               f"'params' or 'params_ema'), found {found}")
     nafnet = params.model.nafnet
