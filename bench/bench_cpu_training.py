@@ -2,11 +2,13 @@
 each architecture costs to train and to serve, measured in the same run.
 
 Training progress comes from the background runs of ``scripts/cpu_pretrain_shake.sh``:
-validation PSNR from each run's ``train.log`` and the process CPU seconds sampled beside the
-step count in ``--cpu-log`` (written by ``scripts/sample_cpu_hours.py``). Steps run before the sampler started are converted
-at the step cost measured here, so a curve starts at 0 CPU-hours from the shipped checkpoint.
+validation PSNR from each run's ``last.pt`` history and ``train.log``, plus its ``last.pt``
+scored now (``--start``, the checkpoint both runs began from, is scored the same way), and the
+process CPU seconds sampled beside the step count in ``--cpu-log`` (``scripts/sample_cpu_hours.py``).
+Steps no sample covers are costed at the step time measured here, so each curve starts at
+0 CPU-hours from the start checkpoint.
 
-Costs (background runs paused meanwhile: their spinning threads would distort both):
+Costs (stop the background runs first: they would distort both):
 - training: seconds per AdamW step (batch, patch and loss of the profile) on 1 thread, as the
   background runs train;
 - serving: seconds per tiled 1280x720 frame on ``--threads`` threads, the serving tiling from
