@@ -83,9 +83,9 @@ def _rank(rank: int, port: int, scenario: str, params, pairs: Path, out: Path) -
 
 
 def run_ranks(scenario: str, params, pairs: Path, out: Path) -> list[dict]:
-    """``scenario`` on two gloo ranks (forked: no re-import); fails the test if they hang."""
+    """``scenario`` on two gloo ranks (spawned: a fork can inherit locks held by other threads and hang); fails the test if they hang."""
     context = tmp.start_processes(_rank, args=(_free_port(), scenario, params, pairs, out), nprocs=WORLD,
-                                  join=False, start_method="fork")
+                                  join=False, start_method="spawn")
     deadline = time.monotonic() + HANG_S
     try:
         while not context.join(timeout=1):
