@@ -409,9 +409,14 @@ class Trainer:
         fmt = torch.channels_last if (self.device.type == "cuda" and self.cfg.channels_last) else torch.contiguous_format
         blurred = blurred.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
         sharp = sharp.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
-        with self._autocast():
-            output = self.train_model(blurred)
-        total, parts = self.loss_fn(output.float(), sharp)
+        objective = getattr(self.model, "training_loss", None)
+        if objective is not None:   # a model with its own objective (diffusion: noise/velocity prediction)
+            with self._autocast():
+                total, parts = objective(blurred, sharp)
+        else:
+            with self._autocast():
+                output = self.train_model(blurred)
+            total, parts = self.loss_fn(output.float(), sharp)
         self.optimizer.zero_grad(set_to_none=True)
         detail = self._nonfinite_loss(total, parts)
         if detail is not None:
