@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 
 DVC_REMOTE ?= $(abspath ../deblur-dvc-store)
 
-.PHONY: install demo repro test test-fast serve function-package bench clean-pipeline dvc-remote
+.PHONY: install demo repro test test-fast serve function-package bench clean-pipeline dvc-remote tracking-server tracking-server-stop
 
 install: $(VENV)/.installed
 
@@ -51,3 +51,11 @@ dvc-remote:
 	mkdir -p $(DVC_REMOTE)
 	$(BIN)/dvc remote add --default --force local $(DVC_REMOTE)
 	@echo "DVC remote 'local' -> $(DVC_REMOTE) (.dvc/config); now: dvc push"
+
+# A shared MLflow tracking server: PostgreSQL + artifacts in ../deblur-tracking, on 127.0.0.1:5000
+# (TRACKING_DIR, TRACKING_HOST, TRACKING_PORT, ...: documentation/deploy.md). make demo never needs it.
+tracking-server: install
+	bash scripts/tracking_server.sh start
+
+tracking-server-stop:
+	bash scripts/tracking_server.sh stop

@@ -4,6 +4,7 @@
     deblur serve [--port 7071]                                                     # the HTTP service
     deblur import-checkpoint NAFNet-GoPro-width32.pth --licence MIT   # official weights -> gate
     deblur import-pretrained [--register checkpoints/pretrained/nafnet16.pt]
+    deblur merge-lora --adapter models:/deblur/5 -o merged.pt      # a LoRA adapter folded into its base
 
 Kept apart from ``deblur.cli`` (imported by every pipeline script) so that the stages' code
 dependencies do not grow by the import commands.
@@ -24,6 +25,12 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
 
     return fail_cleanly(import_official, args.file, args.name, args.licence, args.params, args.pairs, args.reports,
                         args.serving_dir, args.padding, args.train_patch_size, args.param_key)
+
+
+def _merge_lora(args: argparse.Namespace) -> int:
+    from deblur.lora import merge_command
+
+    return fail_cleanly(merge_command, args.adapter, args.base, args.out)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -95,6 +102,19 @@ def parser() -> argparse.ArgumentParser:
                      help="the converted checkpoint and its evaluation go to REPORTS/NAME/")
     one.add_argument("--serving-dir", type=Path, default=Path("function_app/model"))
     one.set_defaults(run=_import_checkpoint)
+
+    merge = commands.add_parser(
+        "merge-lora", help="fold a LoRA adapter into its base model: a plain checkpoint (documentation/diffusion.md)",
+        description="Merge a LoRA adapter (train.lora) into its base model's weights (peft's merge_and_unload) and "
+                    "write a plain deblur checkpoint, with the same outputs and no adapter overhead.")
+    merge.add_argument("--adapter", required=True,
+                       help="a registered adapter version (models:/<name>/<version> or @<alias>; MLFLOW_TRACKING_URI), "
+                            "an adapter folder (adapter_config.json + adapter_model.safetensors) or a LoRA training "
+                            "checkpoint (.pt)")
+    merge.add_argument("--base", default=None,
+                       help="the base checkpoint or models:/ URI (default: the one the adapter names)")
+    merge.add_argument("-o", "--out", type=Path, required=True, help="the merged checkpoint (.pt) to write")
+    merge.set_defaults(run=_merge_lora)
 
     # listed for --help; main() hands its arguments, --help included, to deblur.import_pretrained
     commands.add_parser("import-pretrained", add_help=False,

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from deblur.config import ModelConfig, NAFNetConfig, StackedConvConfig, UNetConfig
+from deblur.config import (ControlNetSDConfig, DiffusionRefinerConfig, ModelConfig, NAFNetConfig,
+                           StackedConvConfig, UNetConfig)
 from deblur.errors import DeblurError
 
 
@@ -66,6 +67,8 @@ class CheckpointModelConfig(BaseModel):
     unet: UNetConfig | None = None
     nafnet: NAFNetConfig | None = None
     stacked_conv: StackedConvConfig | None = None
+    diffusion_refiner: DiffusionRefinerConfig | None = None
+    controlnet_sd: ControlNetSDConfig | None = None
 
     @model_validator(mode="after")
     def _section_present(self) -> "CheckpointModelConfig":
@@ -144,16 +147,30 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def model_from_checkpoint(ckpt: dict | str | Path, for_inference: bool = True) -> torch.nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights (fp32, CPU, eval mode)."""
-    from deblur.models import build_model, configure_inference
+    """Rebuild the model a checkpoint describes and load its weights (fp32, CPU, eval mode).
+
+    A LoRA training checkpoint (a ``lora`` entry) gives its base with the adapter injected, or
+    merged into plain layers when ``for_inference``."""
+    from deblur.models import MODELS, build_model, configure_inference
 
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
     cfg = checkpoint_model_config(ckpt["model_config"])
-    model = build_model(cfg)
     state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    # a model holding another one (the diffusion refiner's predictor) is shaped by its own state dict
+    from_state = getattr(MODELS.get(cfg.name), "from_state_dict", None)
+    model = from_state(cfg.arch_kwargs(), state) if from_state else build_model(cfg)
+    lora = ckpt.get("lora")
+    if lora:   # a LoRA run (deblur.lora): inject the adapter so its weights load; merged for inference
+        from deblur.lora import LoraSettings, attach_adapter
+
+        attach_adapter(model, LoraSettings.of(lora["settings"]))
     model.load_state_dict(state)
     if for_inference:
+        if lora:
+            from deblur.lora import merge_adapter
+
+            merge_adapter(model)
         model.eval()
         configure_inference(model, cfg, int(ckpt.get("train_patch_size", 256)))
     return model

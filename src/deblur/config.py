@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from deblur.errors import DeblurError
 
-BLUR_TYPES = ("motion", "gaussian", "defocus", "lens")
+BLUR_TYPES = ("motion", "gaussian", "defocus", "lens")   # degradations with a blur kernel (PSF)
+NOISE = "noise"                                          # no blur, Gaussian noise only (a denoising pair)
+DEGRADATION_TYPES = (*BLUR_TYPES, NOISE)                 # every value blur_mix accepts, in draw order
 
 
 class ConfigError(DeblurError, ValueError):
@@ -143,13 +145,14 @@ class SynthesizeConfig(_Strict):
     lens: LensConfig
     gamma: float = Field(gt=0)
     noise_sigma_max: float = Field(ge=0, le=0.5)
+    noise: RangeSigma              # the ``noise`` degradation's std, in [0, 1] units
 
     @field_validator("blur_mix")
     @classmethod
     def _known_blur_types(cls, mix: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(mix) - set(BLUR_TYPES))
+        unknown = sorted(set(mix) - set(DEGRADATION_TYPES))
         if unknown:
-            raise ValueError(f"unknown blur type(s) {unknown}; known: {list(BLUR_TYPES)}")
+            raise ValueError(f"unknown blur type(s) {unknown}; known: {list(DEGRADATION_TYPES)}")
         if any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
             raise ValueError("proportions must be >= 0 and sum to more than 0")
         return mix
@@ -183,11 +186,87 @@ class StackedConvConfig(_Strict):
     depth: int = Field(ge=2)
 
 
+class DiffusionRefinerConfig(_Strict):
+    """A diffusion UNet that refines a frozen predictor's estimate (deblur.diffusion.refiner)."""
+
+    predictor: str                      # checkpoint path or models:/<name>@<alias> (resolved when training starts)
+    unshuffle: Literal[1, 2, 4]
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int = Field(ge=1)
+    norm_groups: int = Field(ge=1)
+    prediction_type: Literal["v_prediction", "sample", "epsilon"]
+    train_timesteps: int = Field(ge=2)
+    residual_scale: float = Field(gt=0)
+    sampler: Literal["ddim", "dpmsolver"]
+    sampling_steps: int = Field(ge=1)
+    fidelity_samples: int = Field(ge=1)
+    seed: int = Field(ge=0, lt=2**63)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DiffusionRefinerConfig":
+        if self.prediction_type == "epsilon":
+            raise ValueError("prediction_type 'epsilon' is refused: few-step sampling with epsilon-prediction blows up "
+                             "(an untrained 4-step epsilon sampler reached +-9e4, v- and x0-prediction stayed within "
+                             "+-4; issue #12); use v_prediction or sample")
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels needs at least one width")
+        odd = [c for c in self.block_out_channels if c % self.norm_groups]
+        if odd:
+            raise ValueError(f"block_out_channels {odd} are not multiples of norm_groups {self.norm_groups}")
+        if self.sampling_steps > self.train_timesteps:
+            raise ValueError(f"sampling_steps {self.sampling_steps} exceeds train_timesteps {self.train_timesteps}")
+        return self
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides the UNet needs: the unshuffle factor times one halving per extra level."""
+        return self.unshuffle * 2 ** (len(self.block_out_channels) - 1)
+
+
+class ControlNetSDConfig(_Strict):
+    """Stable Diffusion 1.5 + ControlNet from local weights (deblur.diffusion.controlnet_sd)."""
+
+    weights_dir: str | None             # diffusers-format SD 1.5 directory; None: the model cannot be built
+    controlnet_dir: str | None          # None: a ControlNet initialised from the UNet
+    conditioning: Literal["blurred", "blurred_and_estimate"]
+    predictor: str | None               # checkpoint path or models:/ URI of the first estimate; None: the blurred input
+    prompt: str
+    negative_prompt: str
+    strength: float = Field(gt=0, le=1)
+    steps: int = Field(ge=1)
+    guidance_scale: float = Field(ge=1)
+    seed: int = Field(ge=0, lt=2**63)
+    train_parts: Literal["controlnet", "lora", "both"]
+    lora_rank: int = Field(ge=1)
+    lora_alpha: float = Field(gt=0)
+    noise_loss: float = Field(ge=0)
+    l1: float = Field(ge=0)
+    mse: float = Field(ge=0)
+    gradient: float = Field(ge=0)
+    perceptual: float = Field(ge=0)
+    perceptual_backbone: str | None
+    perceptual_net: Literal["alex", "vgg"]
+    colour_fix: Literal["wavelet", "adain", "none"]
+    vae_tiling: bool
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ControlNetSDConfig":
+        if self.perceptual > 0 and self.perceptual_backbone is None:
+            raise ValueError("perceptual > 0 needs perceptual_backbone (a local LPIPS backbone file); or set perceptual: 0")
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(f"steps * strength = {self.steps * self.strength:g} runs no denoising step; raise steps or strength")
+        if self.noise_loss + self.l1 + self.mse + self.gradient + self.perceptual <= 0:
+            raise ValueError("at least one of noise_loss, l1, mse, gradient, perceptual must be > 0")
+        return self
+
+
 class ModelConfig(_Strict):
-    name: Literal["unet", "nafnet", "stacked_conv"]
+    name: Literal["unet", "nafnet", "stacked_conv", "diffusion_refiner", "controlnet_sd"]
     unet: UNetConfig
     nafnet: NAFNetConfig
     stacked_conv: StackedConvConfig
+    diffusion_refiner: DiffusionRefinerConfig
+    controlnet_sd: ControlNetSDConfig
 
     def arch_kwargs(self) -> dict:
         """Keyword arguments of the selected architecture."""
@@ -217,6 +296,15 @@ class LossConfig(_Strict):
         return self
 
 
+class LoRAConfig(_Strict):
+    """``train.lora``: train only a low-rank adapter on top of ``train.init_from`` (deblur.lora)."""
+
+    rank: int = Field(ge=0)                # 0: off (full fine-tune)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(min_length=1)
+
+
 class TrainConfig(_Strict):
     source: Literal["pairs", "on_the_fly"]
     identity_fraction: float = Field(ge=0, le=1)
@@ -240,6 +328,14 @@ class TrainConfig(_Strict):
     deterministic: bool
     log_every: int = Field(ge=1)
     val_max_images: int = Field(ge=1)
+    lora: LoRAConfig
+
+    @model_validator(mode="after")
+    def _lora_has_base(self) -> "TrainConfig":
+        if self.lora.rank > 0 and not self.init_from:
+            raise ValueError(f"lora.rank is {self.lora.rank} but init_from is empty: a LoRA adapter adapts an "
+                             "existing model; set train.init_from to its checkpoint or models:/<name>@<alias>")
+        return self
 
 
 class TilingConfig(_Strict):
@@ -254,12 +350,19 @@ class TilingConfig(_Strict):
         return self
 
 
+class LpipsConfig(_Strict):
+    net: Literal["alex", "vgg"]
+    backbone: str | None           # torchvision alexnet/vgg16 state dict (.pth); None: LPIPS unavailable
+    linear: str | None             # the lpips package's linear heads (.pth); None: uncalibrated equal weights
+
+
 class EvaluateConfig(_Strict):
     max_images: int = Field(ge=0)
     sharp_in_images: int = Field(ge=0)
     classical_baseline: Literal["richardson_lucy", "wiener", "none"]
     rl_iterations: int = Field(ge=1)
     triptychs: int = Field(ge=0)
+    lpips: LpipsConfig
 
 
 class RegisterConfig(_Strict):
@@ -285,15 +388,18 @@ class ServingConfig(_Strict):
     overlap_range: tuple[int, int]
     weights_dtype: Literal["fp32", "fp16"]
     output_quality: int = Field(ge=1, le=100)
+    refiner_steps_range: tuple[int, int]
 
     @model_validator(mode="after")
     def _ordered(self) -> "ServingConfig":
-        for name in ("tile_size_range", "overlap_range"):
+        for name in ("tile_size_range", "overlap_range", "refiner_steps_range"):
             low, high = getattr(self, name)
             if not 0 <= low <= high:
                 raise ValueError(f"{name} must be [low, high] with 0 <= low <= high, got [{low}, {high}]")
         if self.min_side > self.max_side:
             raise ValueError(f"min_side {self.min_side} is larger than max_side {self.max_side}")
+        if self.refiner_steps_range[0] < 1:
+            raise ValueError(f"refiner_steps_range starts below 1 ({self.refiner_steps_range[0]})")
         if self.tile_size_range[0] < 16:
             raise ValueError(f"tile_size_range starts below 16 ({self.tile_size_range[0]})")
         return self
@@ -311,6 +417,22 @@ class Params(_Strict):
     evaluate: EvaluateConfig
     registration: RegisterConfig = Field(alias="register")  # "register" would shadow BaseModel.register
     serving: ServingConfig
+
+    @model_validator(mode="after")
+    def _refiner_fits(self) -> "Params":
+        # read through __dict__: validating is not a stage reading these sections (tests/test_stage_spec.py)
+        model, serving, tiling = (self.__dict__[k] for k in ("model", "serving", "tiling"))
+        if model.name != "diffusion_refiner":
+            return self
+        refiner, (low, high) = model.diffusion_refiner, serving.refiner_steps_range
+        if not low <= refiner.sampling_steps <= high:
+            raise ValueError(f"model.diffusion_refiner.sampling_steps {refiner.sampling_steps} is outside "
+                             f"serving.refiner_steps_range [{low}, {high}]")
+        if tiling.tile_size % refiner.size_multiple:
+            raise ValueError(f"tiling.tile_size {tiling.tile_size} is not a multiple of {refiner.size_multiple} "
+                             f"(model.diffusion_refiner: unshuffle {refiner.unshuffle} x 2^(levels - 1)), "
+                             "so refiner tiles would not sit on the UNet's grid")
+        return self
 
     def digest(self) -> str:
         """Short stable hash of the whole resolved config."""

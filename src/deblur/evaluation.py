@@ -18,15 +18,17 @@ from pathlib import Path
 import numpy as np
 from skimage import restoration
 
-from deblur.config import EvaluateConfig, TilingConfig
+from deblur.config import NOISE, EvaluateConfig, TilingConfig
 from deblur.data.pairs import PairRecord
 from deblur.imageio import read_rgb
 from deblur.metrics import psnr, ssim
+from deblur.perceptual import lpips_distances
 from deblur.progress import progress
 from deblur.tiling import deblur_array
 
-METHODS = ("model", "input", "baseline")
-METHOD_LABELS = {"model": "model", "input": "blurred input", "baseline": "classical (true PSF)"}
+METHODS = ("model", "input", "baseline", "predictor")   # predictor: a diffusion refiner's own predictor, alone
+METHOD_LABELS = {"model": "model", "input": "blurred input", "baseline": "classical (true PSF)",
+                 "predictor": "predictor alone"}
 BUCKETED_BLUR_TYPE = "motion"        # camera shake: the blur type reported per kernel-size bucket
 KERNEL_BUCKET_EDGES = (21, 41)       # px, largest kernel side of each bucket but the last: <=21, 23-41, >=43
 
@@ -59,7 +61,7 @@ def bucket_key(label: str) -> str:
 class ImageResult:
     id: str
     blur_type: str
-    scores: dict[str, float]          # e.g. model_psnr, input_ssim, baseline_psnr
+    scores: dict[str, float]          # e.g. model_psnr, input_ssim, baseline_psnr, model_lpips
     images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     kernel_size: int | None = None    # side of the PSF's support in px; None for real blur
 
@@ -89,6 +91,8 @@ class EvalResult:
                 by_bucket[r.kernel_bucket].append(r)
         overall = mean_scores(self.images)
         overall["gain_over_input_db"] = round(overall["model_psnr"] - overall["input_psnr"], 4)
+        if "predictor_psnr" in overall:   # a refiner: what it adds to its own predictor
+            overall["gain_over_predictor_db"] = round(overall["model_psnr"] - overall["predictor_psnr"], 4)
         out = {
             "n_images": len(self.images),
             "overall": overall,
@@ -136,9 +140,15 @@ def classical_deconvolution(blurred: np.ndarray, kernel: np.ndarray, method: str
 
 def evaluate_model(model, records: list[PairRecord], tiling: TilingConfig, cfg: EvaluateConfig, gamma: float,
                    sharp_in_paths: list[Path] = (), with_baseline: bool = True, keep_images: int = 0,
-                   desc: str = "evaluate") -> EvalResult:
-    """Score ``model`` on test pairs (and sharp-in photos); keeps the first ``keep_images`` images."""
+                   desc: str = "evaluate", lpips=None) -> EvalResult:
+    """Score ``model`` on test pairs (and sharp-in photos); keeps the first ``keep_images`` images.
+
+    ``lpips`` (a ``deblur.perceptual.LPIPS``) adds ``<method>_lpips`` for every method scored.
+    ``noise`` pairs get no classical reference: their PSF is the identity, and Richardson-Lucy
+    with a delta kernel returns its input unchanged (the input column already is that reference).
+    """
     results = []
+    predictor = getattr(model, "predictor", None)   # a diffusion refiner's predictor: scored alone, same pairs
     for i, rec in enumerate(progress(records, desc=desc, unit="image")):
         blurred, sharp = read_rgb(rec.blur_path), read_rgb(rec.clear_path)
         if blurred.shape != sharp.shape:
@@ -147,10 +157,24 @@ def evaluate_model(model, records: list[PairRecord], tiling: TilingConfig, cfg: 
         scores = {"model_psnr": psnr(restored, sharp), "model_ssim": ssim(restored, sharp),
                   "input_psnr": psnr(blurred, sharp), "input_ssim": ssim(blurred, sharp)}
         images = {"blurred": blurred, "model": restored, "sharp": sharp} if i < keep_images else {}
-        if with_baseline and cfg.classical_baseline != "none" and rec.kernel_path is not None:
+        baseline = None
+        has_psf = rec.kernel_path is not None and rec.blur_type != NOISE
+        if with_baseline and cfg.classical_baseline != "none" and has_psf:
             baseline = classical_deconvolution(blurred, np.load(rec.kernel_path), cfg.classical_baseline,
                                                cfg.rl_iterations, gamma)
             scores.update(baseline_psnr=psnr(baseline, sharp), baseline_ssim=ssim(baseline, sharp))
+        if lpips is not None:
+            scored = {m: img for m, img in (("model", restored), ("input", blurred), ("baseline", baseline))
+                      if img is not None}
+            distances = lpips_distances(lpips, list(scored.values()), sharp)
+            scores.update({f"{m}_lpips": d for m, d in zip(scored, distances)})
+        if predictor is not None:
+            alone = deblur_array(predictor, blurred, tiling)
+            scores.update(predictor_psnr=psnr(alone, sharp), predictor_ssim=ssim(alone, sharp))
+            if lpips is not None:
+                scores["predictor_lpips"] = lpips_distance(lpips, alone, sharp)
+            if images:
+                images["predictor"] = alone
         results.append(ImageResult(rec.id, rec.blur_type, scores, images, rec.kernel_size))
     sharp_in = [psnr(deblur_array(model, img, tiling), img) for img in (read_rgb(p) for p in sharp_in_paths)]
     return EvalResult(results, sharp_in)
@@ -168,16 +192,17 @@ def write_per_image_csv(result: EvalResult, path: Path) -> None:
 
 
 def write_per_blur_csv(summary: dict, path: Path) -> None:
-    """Long-format PSNR per blur type and method; ``label`` ("motion: model") gives each bar its own row in DVC."""
+    """Long-format PSNR (and LPIPS, empty when not computed) per blur type and method;
+    ``label`` ("motion: model") gives each bar its own row in DVC."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["label", "blur_type", "method", "psnr"])
+        writer.writerow(["label", "blur_type", "method", "psnr", "lpips"])
         for blur_type, scores in [("all", summary["overall"]), *summary["per_blur_type"].items()]:
             for method in METHODS:
                 if f"{method}_psnr" in scores:
                     writer.writerow([f"{blur_type}: {METHOD_LABELS[method]}", blur_type, method,
-                                     scores[f"{method}_psnr"]])
+                                     scores[f"{method}_psnr"], scores.get(f"{method}_lpips", "")])
 
 
 def per_blur_figure(summary: dict):
@@ -189,10 +214,12 @@ def per_blur_figure(summary: dict):
     groups = ["all", *summary["per_blur_type"]]
     table = {"all": summary["overall"], **summary["per_blur_type"]}
     fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 3.5))
-    width = 0.27
-    for j, method in enumerate(METHODS):
+    shown = [m for m in METHODS if m != "predictor" or "predictor_psnr" in summary["overall"]]
+    width = 0.8 / len(shown)
+    for j, method in enumerate(shown):
         values = [table[g].get(f"{method}_psnr", np.nan) for g in groups]
-        ax.bar(np.arange(len(groups)) + (j - 1) * width, values, width, label=METHOD_LABELS[method])
+        ax.bar(np.arange(len(groups)) + (j - (len(shown) - 1) / 2) * width, values, width,
+               label=METHOD_LABELS[method])
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_ylabel("PSNR (dB)")
     ax.set_title("Test PSNR per blur type: model vs blurred input vs classical (true PSF)")

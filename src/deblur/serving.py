@@ -70,11 +70,27 @@ class ServingModel:
         update = {k: v for k, v in (("tile_size", tile_size), ("overlap", overlap)) if v is not None}
         return TilingConfig.model_validate({**self.tiling.model_dump(), **update})
 
+    @property
+    def architecture(self) -> str:
+        return type(self.model).__name__
+
+    @property
+    def samples(self) -> bool:
+        """True for a diffusion refiner: its output depends on a seed and a number of steps."""
+        return bool(getattr(self.model, "tiles_itself", False))
+
+    def sampling_for(self, seed: int | None = None, steps: int | None = None) -> dict[str, int]:
+        """A refiner's seed and steps for one call: the given ones, else the model's defaults."""
+        default_steps = getattr(self.model, "sampling_steps", None) or getattr(self.model, "steps", None)
+        return {"seed": self.model.seed if seed is None else int(seed),
+                "steps": default_steps if steps is None else int(steps)}
+
     def deblur(self, image: DecodedImage | np.ndarray, tile_size: int | None = None,
-               overlap: int | None = None) -> np.ndarray:
-        """Deblur an HxWx3 uint8 RGB array (or a DecodedImage's RGB); alpha is the caller's."""
+               overlap: int | None = None, sampling: dict[str, int] | None = None) -> np.ndarray:
+        """Deblur an HxWx3 uint8 RGB array (or a DecodedImage's RGB); alpha is the caller's.
+        ``sampling`` (seed, steps) is for a diffusion refiner only."""
         rgb = image.rgb if isinstance(image, DecodedImage) else image
-        return deblur_array(self.model, rgb, self.tiling_for(tile_size, overlap))
+        return deblur_array(self.model, rgb, self.tiling_for(tile_size, overlap), sampling=sampling)
 
 
 def export_serving_artifact(
@@ -92,6 +108,10 @@ def export_serving_artifact(
     serving, ...) win.
     """
     ckpt = load_checkpoint(checkpoint_path)
+    if ckpt.get("lora"):   # a LoRA run is served merged: plain layers, no adapter overhead (deblur.lora)
+        from deblur.lora import merged_checkpoint
+
+        ckpt = merged_checkpoint(ckpt)
     dtype = torch.float16 if serving.weights_dtype == "fp16" else torch.float32
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     payload = {
@@ -139,6 +159,9 @@ def read_artifact_meta(model_dir: str | Path) -> dict:
     missing = {"tiling", "serving", "format_version"} - set(meta)
     if missing:
         raise ServingError(f"{path}: not a serving artifact (missing {sorted(missing)})")
+    if isinstance(meta["serving"], dict) and "refiner_steps_range" not in meta["serving"]:
+        # exported before diffusion refiners existed: such an artifact holds none, so no steps apply
+        meta["serving"] = {**meta["serving"], "refiner_steps_range": [1, 1]}
     if meta["format_version"] != FORMAT_VERSION:
         raise ServingError(f"{path}: format_version {meta['format_version']}, this code reads {FORMAT_VERSION}")
     return meta
@@ -164,7 +187,8 @@ def load_from_model_uri(uri: str, tiling: TilingConfig | None, threads: int) -> 
     """Load the checkpoint inside a registered model (``models:/<name>@<alias>`` or ``models:/<name>/<version>``).
 
     Downloads the model's artifacts with MLflow (``MLFLOW_TRACKING_URI``) and loads the one
-    ``*.pt`` file among them. ``tiling`` is used unless the pyfunc was logged with its own
+    ``*.pt`` file among them; a LoRA adapter version (no ``*.pt``, an ``adapter_config.json``)
+    loads its base version from the registry with the adapter merged in (deblur.lora). ``tiling`` is used unless the pyfunc was logged with its own
     (``model_config={"tiling": ...}``, see deblur.mlflow_model); with None the model must carry one.
     """
     import mlflow
@@ -174,7 +198,8 @@ def load_from_model_uri(uri: str, tiling: TilingConfig | None, threads: int) -> 
     name, alias, version = _parse_models_uri(uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     weights = sorted(local.rglob("*.pt"))
-    if len(weights) != 1:
+    adapters = sorted(local.rglob("adapter_config.json"))
+    if len(weights) != 1 and not (adapters and not weights):
         raise ServingError(f"{uri}: expected one *.pt checkpoint among the model's artifacts, found {len(weights)}")
     client = mlflow.MlflowClient()
     registered = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
@@ -189,7 +214,16 @@ def load_from_model_uri(uri: str, tiling: TilingConfig | None, threads: int) -> 
     torch.set_num_threads(threads)
     meta = {"name": name, "alias": alias, "version": registered.version, "run_id": registered.run_id,
             "architecture": None, "tiling": tiling.model_dump()}
-    model = _model_or_serving_error(weights[0])
+    if weights:
+        model = _model_or_serving_error(weights[0])
+    else:   # a LoRA adapter version: its base version from the registry, the adapter merged in
+        from deblur.lora import LoraError, load_adapter_model
+
+        try:
+            model, base = load_adapter_model(adapters[0].parent)
+        except (LoraError, FileNotFoundError, CheckpointError) as err:
+            raise ServingError(f"{uri}: cannot load the LoRA adapter's base model ({err})") from err
+        meta["base_model_uri"] = base["uri"]
     meta["architecture"] = type(model).__name__
     return ServingModel(model=model, meta=meta, tiling=tiling,
                         load_seconds=time.perf_counter() - started, source=uri)

@@ -29,9 +29,10 @@ def format_summary(metrics: dict, decision: dict) -> str:
     if decision.get("champion_uri"):
         lines.append(f"  champion: {decision['model_name']} v{decision.get('champion_version')} = {decision['champion_uri']}  "
                      f"(serving artifact: {decision.get('serving_artifact')})")
-    lines += ["", "Where to look:",
-              f"  mlflow ui --backend-store-uri {decision.get('tracking_uri', 'sqlite:///mlflow.db')}   "
-              "then open http://127.0.0.1:5000",
+    uri = decision.get("tracking_uri", "sqlite:///mlflow.db")
+    ui = (f"  open {uri}   (the shared tracking server's UI)" if uri.startswith(("http://", "https://"))
+          else f"  mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
+    lines += ["", "Where to look:", ui,
               "  dvc metrics show ; dvc plots show   (reports/ holds metrics, per-image CSV and triptychs)",
               "  make serve   (HTTP service with the champion on http://127.0.0.1:7071)", ""]
     return "\n".join(lines)

@@ -169,14 +169,23 @@ def tiled_inference(
     overlap: int,
     batch_size: int,
     align: int | None = None,
+    sampling: dict | None = None,
 ) -> torch.Tensor:
     """Deblur ``image`` (N,3,H,W; float in [0, 1] or uint8) tile by tile; returns float32 in [0, 1].
 
     ``align`` (default: the model's ``size_multiple``, else 1) is the grid tiles sit on;
     ``tile_size`` is rounded down to a multiple of it. The output lives on the model's
     device; tiles are cut from ``image`` where it lies and moved one batch at a time.
+    A model with ``tiles_itself`` (the diffusion refiner: one noise tensor over the whole
+    image) gets the whole image and the tile settings through its ``restore``, with the
+    per-call ``sampling`` settings (seed, steps); other models refuse ``sampling``.
     """
     _check_args(image, tile_size, overlap, batch_size)
+    if getattr(model, "tiles_itself", False):
+        return model.restore(image, tile_size, overlap, batch_size, **(sampling or {}))
+    if sampling:
+        raise ValueError(f"sampling settings {sorted(sampling)} apply to diffusion models only, "
+                         f"not to a {type(model).__name__}")
     align = align or int(getattr(model, "size_multiple", 1))
     tile_size = max(align, tile_size // align * align)
     n, _, height, width = image.shape
@@ -230,8 +239,10 @@ def deblur_array(
     model: torch.nn.Module,
     rgb: np.ndarray,
     tiling: TilingConfig | tuple[int, int, int],
+    sampling: dict | None = None,
 ) -> np.ndarray:
-    """Deblur one HxWx3 uint8 RGB array; ``tiling`` is a TilingConfig or (tile_size, overlap, batch_size)."""
+    """Deblur one HxWx3 uint8 RGB array; ``tiling`` is a TilingConfig or (tile_size, overlap, batch_size);
+    ``sampling`` (seed, steps) goes to a diffusion model (see ``tiled_inference``)."""
     if isinstance(tiling, TilingConfig):
         tile_size, overlap, batch_size = tiling.tile_size, tiling.overlap, tiling.batch_size
     else:
@@ -241,6 +252,6 @@ def deblur_array(
     with warnings.catch_warnings():  # decoded images are read-only arrays; tiles are only read from them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
-    out = tiled_inference(model, image, tile_size, overlap, batch_size)
+    out = tiled_inference(model, image, tile_size, overlap, batch_size, sampling=sampling)
     out = out[0].mul_(255.0).round_().to(torch.uint8).permute(1, 2, 0).cpu()
     return np.ascontiguousarray(out.numpy())

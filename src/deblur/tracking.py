@@ -99,7 +99,7 @@ def stage_run(stage: str, params: Params, sections: tuple[str, ...] = (), tags: 
         "pipeline_id": pipeline_id(),
         "git_commit": git_commit(),
         "params_digest": params.digest(),
-        **(tags or {}),
+        **{k: str(v) for k, v in (tags or {}).items()},   # a tracking server (REST) takes string tags only
     }
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -160,6 +160,21 @@ def log_dict(obj: dict | list, artifact_file: str) -> None:
 
 def log_text(text: str, artifact_file: str) -> None:
     _mlflow().log_text(text, artifact_file)
+
+
+def log_training_data(rows: list[dict], name: str, source: str | Path, digest: str) -> None:
+    """Record what the active run trains on as an MLflow dataset input: one row per pair, digest = the data hash."""
+    import warnings
+
+    import pandas as pd
+
+    mlflow = _mlflow()
+    with warnings.catch_warnings():
+        # a local path matches MLflow's two local artifact sources (schemes "" and "file"); either is right
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
+        dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=str(Path(source).resolve()), name=name,
+                                          digest=digest)
+    mlflow.log_input(dataset, context="training")
 
 
 def active_run_id() -> str | None:

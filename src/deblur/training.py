@@ -19,6 +19,7 @@ import math
 import os
 import random
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -136,7 +137,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 # Params added after runs were saved, with the value that matches what the code did before they
 # existed: a resume key without them reads as if it held these (a multi-day run survives the update).
-PARAMS_ADDED_SINCE = {"model.nafnet.padding": "reflect", "train.deterministic": False}
+PARAMS_ADDED_SINCE = {"model.nafnet.padding": "reflect", "train.deterministic": False,
+                      "train.lora.rank": 0, "train.lora.alpha": 4.0, "train.lora.dropout": 0.0,
+                      "train.lora.target_modules": ["conv1", "conv3", "conv4", "conv5", "sca.proj"]}
 
 
 def resume_mismatch(saved: dict | None, current: dict) -> list[str]:
@@ -189,11 +192,20 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         seed_everything(params.seed + self.dist.rank)
 
-        self.model = build_model(params.model).to(self.device)
+        self.model = build_model(params.model)
+        self.base_ref = None    # what train.init_from resolved to (deblur.lora.BaseModelRef)
+        self.lora = self.cfg.lora.rank > 0
+        if self.lora:           # the base's weights, then the adapter; a resume overwrites both
+            from deblur.lora import LoraSettings, attach_adapter
+
+            self._init_from()
+            attach_adapter(self.model, LoraSettings.of(self.cfg.lora))
+        self.model = self.model.to(self.device)
         if self.device.type == "cuda" and self.cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = CompositeLoss(params.loss)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, betas=self.cfg.betas,
+        trainable = [p for p in self.model.parameters() if p.requires_grad]   # LoRA: the adapter only
+        self.optimizer = torch.optim.AdamW(trainable, lr=self.cfg.lr, betas=self.cfg.betas,
                                            weight_decay=self.cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.cfg.max_steps,
                                                                     eta_min=self.cfg.eta_min)
@@ -217,8 +229,8 @@ class Trainer:
                                 "give ingest a non-zero val fraction (ingest.folder.val_fraction, "
                                 "ingest.embedded.val_fraction or ingest.gopro.val_sequences) or add images")
         self.resumed = self._resume_forced(Path(resume_from)) if resume_from else self._maybe_resume()
-        if not self.resumed and self.cfg.init_from:
-            self._init_from(Path(self.cfg.init_from))
+        if not self.resumed and self.cfg.init_from and not self.lora:
+            self._init_from()
 
         self.train_model = self.model
         if self.device.type == "cuda" and self.cfg.compile:
@@ -247,6 +259,8 @@ class Trainer:
             "params_digest": self.digest,
             "resume_key": self.resume_key,
         }
+        if self.lora:
+            state["lora"] = {"settings": self.cfg.lora.model_dump(mode="json"), "base": self.base_ref.as_dict()}
         if full:
             state.update(
                 finished=self.finished,
@@ -322,6 +336,11 @@ class Trainer:
         self.cpu_seconds_before = float(ckpt.get("cpu_seconds", 0.0))
         self.history = list(ckpt.get("history", []))
         self.best_checkpoint = ckpt.get("best_checkpoint")
+        if ckpt.get("lora"):   # the base the run started from, even if an alias has moved since
+            from deblur.lora import BaseModelRef
+
+            base = ckpt["lora"]["base"]
+            self.base_ref = BaseModelRef(base["source"], base.get("name"), base.get("version"))
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -334,7 +353,24 @@ class Trainer:
         if self.dist.is_main:
             print(line, flush=True)
 
-    def _init_from(self, path: Path) -> None:
+    def _init_from(self) -> None:
+        """Load ``train.init_from``: a checkpoint file, or a registered version (downloaded)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(self.cfg.init_from)
+            if self.cfg.init_from.startswith("models:/"):
+                from deblur.lora import LoraError, resolve_base
+
+                try:
+                    path, self.base_ref = resolve_base(self.cfg.init_from, tmp)
+                except (LoraError, FileNotFoundError) as err:
+                    raise TrainingError(str(err)) from err
+            elif self.lora:
+                from deblur.lora import BaseModelRef
+
+                self.base_ref = BaseModelRef(source=self.cfg.init_from)
+            self._load_init_weights(path)
+
+    def _load_init_weights(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
         state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
         name = self.params.model.name
@@ -482,7 +518,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         main = self.dist.is_main
         if main:
-            tracking.log_metrics({"parameters": count_parameters(self.model)})
+            tracking.log_metrics({"parameters": count_parameters(self.model),
+                                  "trainable_parameters": count_parameters(self.model, trainable_only=True)})
         bar = progress(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", disable=not main)
         interrupt: dict = {}
         try:

@@ -181,6 +181,7 @@ class DeblurResult:
     height: int
     alpha: str
     timings_ms: dict[str, float]
+    sampling: dict[str, int] | None = None   # a diffusion refiner's seed and steps, as used
 
 
 def model_source_from_env() -> ModelSource:
@@ -250,6 +251,7 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
                 "max_side": serving.max_side,
                 "tile_size_range": list(serving.tile_size_range),
                 "overlap_range": list(serving.overlap_range),
+                "refiner_steps_range": list(serving.refiner_steps_range),
                 "inference_slots": serving.inference_slots,
                 "max_waiting": serving.max_waiting,
                 "max_request_seconds": serving.max_request_seconds,
@@ -267,6 +269,7 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
         _check_api_key(request, api_key)
         fmt = _output_format(request)
         tile_size, overlap = _tiling_params(request, serving, holder.model.tiling if holder.model else tiling)
+        sampling = _sampling_params(request, serving)
         body = await _read_body(request, serving)
         data = await _image_bytes(request, body)
         width, height = _probe(data, serving)
@@ -276,7 +279,8 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
                            "serving.inference_slots + serving.max_waiting); retry in a few seconds",
                            headers={"Retry-After": "5"})
         try:
-            result = await gate.run(_process, holder, serving, data, fmt, tile_size, overlap, time.perf_counter())
+            result = await gate.run(_process, holder, serving, data, fmt, tile_size, overlap, time.perf_counter(),
+                                    sampling)
         finally:
             gate.leave()
         speed.update(result.width * result.height, result.timings_ms["infer"] / 1000)
@@ -291,6 +295,8 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
             "X-Tile-Size": str(tile_size),
             "X-Overlap": str(overlap),
             "X-Alpha": result.alpha,
+            **({"X-Seed": str(result.sampling["seed"]), "X-Steps": str(result.sampling["steps"])}
+               if result.sampling else {}),
             "Server-Timing": ", ".join(f"{k};dur={v:.1f}" for k, v in result.timings_ms.items()),
             "Content-Disposition": f'inline; filename="deblurred.{EXTENSIONS[result.fmt]}"',
         })
@@ -299,12 +305,18 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
 
 
 def _process(holder: ModelHolder, serving: ServingConfig, data: bytes, fmt: str,
-             tile_size: int, overlap: int, queued_at: float) -> DeblurResult:
+             tile_size: int, overlap: int, queued_at: float, sampling: dict[str, int] | None = None) -> DeblurResult:
     """Decode, deblur and encode one image (on an inference thread)."""
     timings = {"queue": _lap(queued_at)}
     mark = time.perf_counter()
     model = holder.get()
     timings["load"] = _lap(mark)
+    if sampling and not model.samples:
+        raise ApiError(400, "invalid_parameter", f"{' and '.join(f'{k}=' for k in sampling)} apply to diffusion "
+                       f"refiner models only; this model is a {model.architecture}")
+    sampling = model.sampling_for(**(sampling or {})) if model.samples else None
+    if sampling:
+        log.info("diffusion refiner: seed=%d steps=%d", sampling["seed"], sampling["steps"])
     mark = time.perf_counter()
     try:
         decoded = decode_image(data, name="the uploaded image", max_pixels=serving.max_pixels)
@@ -312,14 +324,15 @@ def _process(holder: ModelHolder, serving: ServingConfig, data: bytes, fmt: str,
         raise ApiError(400, "invalid_image", f"{err}; send a complete JPEG, PNG, WebP, TIFF or BMP file") from err
     timings["decode"] = _lap(mark)
     mark = time.perf_counter()
-    restored = model.deblur(decoded.rgb, tile_size, overlap)
+    restored = model.deblur(decoded.rgb, tile_size, overlap, sampling)
     timings["infer"] = _lap(mark)
     mark = time.perf_counter()
     body = encode_image(restored, fmt, alpha=decoded.alpha, quality=serving.output_quality)
     timings["encode"] = _lap(mark)
     alpha = "none" if decoded.alpha is None else ("kept" if fmt in ("PNG", "WEBP") else "dropped")
     height, width = restored.shape[:2]
-    return DeblurResult(body=body, fmt=fmt, width=width, height=height, alpha=alpha, timings_ms=timings)
+    return DeblurResult(body=body, fmt=fmt, width=width, height=height, alpha=alpha, timings_ms=timings,
+                        sampling=sampling)
 
 
 def _check_expected_time(speed: SpeedEstimate, pixels: int, serving: ServingConfig) -> None:
@@ -392,7 +405,20 @@ def _tiling_params(request: Request, serving: ServingConfig, default: TilingConf
     return tile_size, overlap
 
 
-def _int_param(request: Request, name: str, bounds: tuple[int, int], default: int) -> int:
+def _sampling_params(request: Request, serving: ServingConfig) -> dict[str, int]:
+    """``?seed=`` and ``?steps=`` for a diffusion refiner (only those given; the model checks its kind)."""
+    from deblur.diffusion.refiner import MAX_SEED
+
+    sampling = {}
+    if request.query_params.get("seed") is not None:
+        sampling["seed"] = _int_param(request, "seed", (0, MAX_SEED), 0, source="")
+    if request.query_params.get("steps") is not None:
+        sampling["steps"] = _int_param(request, "steps", serving.refiner_steps_range, 0,
+                                       source="serving.refiner_steps_range")
+    return sampling
+
+
+def _int_param(request: Request, name: str, bounds: tuple[int, int], default: int, source: str | None = None) -> int:
     raw = request.query_params.get(name)
     if raw is None:
         return default
@@ -402,8 +428,9 @@ def _int_param(request: Request, name: str, bounds: tuple[int, int], default: in
     except ValueError:
         value = None
     if value is None or not low <= value <= high:
-        raise ApiError(400, "invalid_parameter", f"{name}={raw!r} must be an integer in [{low}, {high}] "
-                       f"(serving.{name}_range)")
+        where = f"serving.{name}_range" if source is None else source
+        raise ApiError(400, "invalid_parameter", f"{name}={raw!r} must be an integer in [{low}, {high}]"
+                       + (f" ({where})" if where else ""))
     return value
 
 

@@ -9,6 +9,8 @@ Kernel models (``BLUR_TYPES``):
 - ``defocus``: uniform disk, anti-aliased by supersampling.
 - ``lens``: disk with a soft edge plus chromatic aberration: each channel has its own radius
   (axial) and centre (lateral), so the kernel is (3, k, k).
+- ``noise`` (not a blur): the identity kernel (1, 1) and Gaussian noise with std uniform in
+  ``synthesize.noise`` instead of the sensor noise: a denoising pair.
 
 Every kernel is float32, non-negative, odd-sized and sums to 1 (per channel). Motion, gaussian
 and defocus kernels have their centre of mass on the centre pixel, so blurring does not shift the
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from deblur.config import BLUR_TYPES, LensConfig, MotionConfig, SynthesizeConfig
+from deblur.config import DEGRADATION_TYPES, NOISE, LensConfig, MotionConfig, SynthesizeConfig
 
 TRAJECTORY_STEPS = 1000
 SUPERSAMPLING = 8
@@ -54,17 +56,23 @@ def sample_blur(rng: np.random.Generator, cfg: SynthesizeConfig, blur_type: str 
         kernel, params = disk_kernel(radius), {"radius": round(radius, 4)}
     elif blur_type == "lens":
         kernel, params = lens_kernel(rng, cfg.lens)
+    elif blur_type == NOISE:
+        kernel, params = np.ones((1, 1), np.float32), {}
     else:
-        raise ValueError(f"unknown blur type {blur_type!r}; known: {list(BLUR_TYPES)}")
-    noise_sigma = float(rng.uniform(0.0, cfg.noise_sigma_max))
+        raise ValueError(f"unknown blur type {blur_type!r}; known: {list(DEGRADATION_TYPES)}")
+    low, high = (cfg.noise.sigma_min, cfg.noise.sigma_max) if blur_type == NOISE else (0.0, cfg.noise_sigma_max)
+    noise_sigma = float(rng.uniform(low, high))
     params = {**params, "size": int(kernel.shape[-1]), "noise_sigma": round(noise_sigma, 6)}
     return BlurSpec(blur_type, kernel, params)
 
 
 def choose_blur_type(rng: np.random.Generator, blur_mix: dict[str, float]) -> str:
-    """A blur type drawn with the (normalised) ``blur_mix`` proportions, in ``BLUR_TYPES`` order."""
-    weights = np.array([blur_mix.get(t, 0.0) for t in BLUR_TYPES], np.float64)
-    return BLUR_TYPES[int(rng.choice(len(BLUR_TYPES), p=weights / weights.sum()))]
+    """A blur type drawn with the (normalised) ``blur_mix`` proportions, in ``DEGRADATION_TYPES`` order.
+
+    ``noise`` comes last, so a mix without it draws exactly as before it existed.
+    """
+    weights = np.array([blur_mix.get(t, 0.0) for t in DEGRADATION_TYPES], np.float64)
+    return DEGRADATION_TYPES[int(rng.choice(len(DEGRADATION_TYPES), p=weights / weights.sum()))]
 
 
 def apply_blur(sharp: np.ndarray, spec: BlurSpec, cfg: SynthesizeConfig, rng: np.random.Generator) -> np.ndarray:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deblur.config import BLUR_TYPES, Params
+from deblur.config import DEGRADATION_TYPES, Params
 from deblur.data.blur import blur_pair, kernel_image
 from deblur.data.ingest import IngestError, ManifestRow, atomic_directory, derive_rng, read_manifest
 from deblur.data.pairs import INDEX_NAME, SPLITS, read_pairs
@@ -67,7 +67,7 @@ def run_synthesize(params: Params, manifest_path: Path, out_dir: Path) -> Synthe
     types = Counter(e["blur_type"] for split in SPLITS for e in entries[split])
     summary = SynthesisSummary(
         pairs_per_split={split: len(entries[split]) for split in SPLITS},
-        pairs_per_blur_type={t: types.get(t, 0) for t in (*BLUR_TYPES, REAL_BLUR)},
+        pairs_per_blur_type={t: types.get(t, 0) for t in (*DEGRADATION_TYPES, REAL_BLUR)},
         input_psnr={t: float(np.mean(v)) for t, v in sorted(psnrs.items())},
     )
     log.info("synthesized %s pairs, blur types %s", summary.pairs_per_split, dict(types))
@@ -79,7 +79,7 @@ def _synthetic_pairs(row: ManifestRow, params: Params, split_dir: Path):
     sharp = _read_checked(row)
     cfg = params.synthesize
     if row.split == "test":
-        types = [t for t in BLUR_TYPES if cfg.blur_mix.get(t, 0) > 0]
+        types = [t for t in DEGRADATION_TYPES if cfg.blur_mix.get(t, 0) > 0]
         offset = int(derive_rng(params.seed, "test-blur-types", row.name).integers(len(types)))
         chosen = [types[(offset + k) % len(types)] for k in range(cfg.test_pairs_per_image)]
     else:

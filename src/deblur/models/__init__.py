@@ -13,6 +13,8 @@ from torch import nn
 from deblur.config import ModelConfig
 from deblur.models import nafnet, stacked_conv, unet  # noqa: F401  (register the architectures)
 from deblur.models.common import MODELS
+from deblur.diffusion import refiner  # noqa: F401,E402  (registers diffusion_refiner)
+from deblur.diffusion import controlnet_sd  # noqa: F401,E402  (registers controlnet_sd)
 
 __all__ = ["MODELS", "build_model", "configure_inference", "count_parameters"]
 

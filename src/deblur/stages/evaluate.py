@@ -73,6 +73,7 @@ def run_evaluate(params_path: Path, run_info_path: Path, pairs_dir: Path, metric
     from deblur.checkpoints import load_checkpoint, model_from_checkpoint
     from deblur.evaluation import evaluate_model, per_blur_figure, write_per_blur_csv, write_per_image_csv
     from deblur.imageio import write_png
+    from deblur.perceptual import lpips_from_config, lpips_status
 
     params = load_params(params_path)
     info = load_run_info(run_info_path)
@@ -80,9 +81,11 @@ def run_evaluate(params_path: Path, run_info_path: Path, pairs_dir: Path, metric
     records, photos = evaluation_inputs(pairs_dir, cfg)
     model = model_from_checkpoint(load_checkpoint(Path(info["checkpoint"])))
     torch.manual_seed(params.seed)
+    lpips = lpips_from_config(cfg.lpips)   # None when evaluate.lpips.backbone is null: recorded, never faked
     result = evaluate_model(model, records, params.tiling, cfg, params.synthesize.gamma, photos,
-                            keep_images=cfg.triptychs)
+                            keep_images=cfg.triptychs, lpips=lpips)
     summary = result.summary()
+    summary["lpips"] = {"available": lpips is not None, "status": lpips_status(cfg.lpips)}
     tracking.dump_json(summary, metrics_path)
     write_per_image_csv(result, per_image_path)
     write_per_blur_csv(summary, per_blur_path)
@@ -99,7 +102,8 @@ def run_evaluate(params_path: Path, run_info_path: Path, pairs_dir: Path, metric
 
     flat = flat_test_metrics(summary)
     with tracking.stage_run("evaluate", params, sections=STAGES["evaluate"].params, parent_run_id=info["run_id"],
-                            tags={"data_hash": info["data_hash"], "train_run_id": info["run_id"]}):
+                            tags={"data_hash": info["data_hash"], "train_run_id": info["run_id"],
+                                  "lpips": summary["lpips"]["status"]}):
         tracking.log_metrics(flat)
         for path in (metrics_path, per_image_path, per_blur_path, sharp_in_path):
             tracking.log_artifact(path, "evaluation")

@@ -31,6 +31,7 @@ class Evidence:
     champion_checkpoint: Path | None = None
     init_from: PairedScores | None = None
     init_from_path: str | None = None
+    init_label: str | None = None                 # how the gate names init_from (default: train.init_from <path>)
 
 
 def gate_config(params: Params) -> GateConfig:
@@ -52,6 +53,16 @@ def read_per_image(path: Path) -> tuple[PairedScores, PairedScores]:
             PairedScores(ids, types, tuple(float(r["input_psnr"]) for r in rows)))
 
 
+def read_predictor_scores(path: Path) -> PairedScores | None:
+    """A diffusion refiner's predictor, scored alone by evaluate on the same pairs; None for other models."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not rows[0].get("predictor_psnr"):
+        return None
+    return PairedScores(tuple(r["id"] for r in rows), tuple(r["blur_type"] for r in rows),
+                        tuple(float(r["predictor_psnr"]) for r in rows))
+
+
 def _rescore(checkpoint, params: Params, records, desc: str) -> PairedScores:
     from deblur.checkpoints import model_from_checkpoint
     from deblur.evaluation import evaluate_model
@@ -71,8 +82,19 @@ def gather_evidence(params: Params, per_image_path: Path, sharp_in_path: Path, p
     champion = tracking.version_by_alias(name, "champion")
     if champion is not None:
         evidence.champion_version = champion
-        evidence.champion_checkpoint = tracking.download_checkpoint(f"models:/{name}/{champion.version}", download_dir)
+        champion_uri = f"models:/{name}/{champion.version}"
+        if champion.tags.get("lora_adapter") == "true":   # its base from the registry, the adapter merged in
+            from deblur.lora import download_model_checkpoint
+
+            evidence.champion_checkpoint = download_model_checkpoint(champion_uri, download_dir)
+        else:
+            evidence.champion_checkpoint = tracking.download_checkpoint(champion_uri, download_dir)
         evidence.champion = _rescore(evidence.champion_checkpoint, params, records, "re-score champion")
+    elif (predictor := read_predictor_scores(per_image_path)) is not None:
+        # a refiner starts from its predictor: as a first champion it must not lose to it (beats_init_from)
+        evidence.init_from_path = "its predictor (scored alone by evaluate)"
+        evidence.init_label = "its predictor"
+        evidence.init_from = predictor
     elif check_init_from and params.train.init_from and Path(params.train.init_from).is_file():
         evidence.init_from_path = params.train.init_from
         evidence.init_from = _rescore(Path(params.train.init_from), params, records, "score train.init_from")
@@ -80,11 +102,26 @@ def gather_evidence(params: Params, per_image_path: Path, sharp_in_path: Path, p
 
 
 def record_in_registry(params: Params, info: dict, decision: Decision, evidence: Evidence) -> str:
-    """Log the model (checkpoint + tiling) in the active run, register it, set aliases and reasons."""
+    """Log the model (checkpoint + tiling) in the active run, register it, set aliases and reasons.
+
+    A LoRA run (its checkpoint has a ``lora`` entry) logs only the adapter; the version's tags
+    link its base (``base_model_uri``, ``base_model_version``)."""
+    from deblur.checkpoints import load_checkpoint
+    from deblur.diffusion.controlnet_sd import registry_extras
     from deblur.mlflow_model import log_deblur_model
 
     name = params.registration.model_name
-    model_uri = log_deblur_model(info["checkpoint"], params.tiling)
+    lora = load_checkpoint(info["checkpoint"]).get("lora")
+    lora_tags = {}
+    if lora:
+        from deblur.lora import log_adapter_model
+
+        model_uri, base = log_adapter_model(info["checkpoint"], params.tiling)
+        lora_tags = {"lora_adapter": "true", "lora_rank": lora["settings"]["rank"], "base_model_uri": base["uri"],
+                     "base_model_version": base.get("version") or "none (a checkpoint file)",
+                     "base_model_source": base["source"]}
+    else:
+        model_uri = log_deblur_model(info["checkpoint"], params.tiling, max_pixels=params.serving.max_pixels)
     tags = {"git_commit": tracking.git_commit(), "data_hash": info["data_hash"], "params_digest": info["params_digest"],
             "train_run_id": info["run_id"], "test_psnr": round(sum(evidence.challenger.psnr) / len(evidence.challenger.psnr), 4),
             "test_input_psnr": round(sum(evidence.input.psnr) / len(evidence.input.psnr), 4),
@@ -92,6 +129,8 @@ def record_in_registry(params: Params, info: dict, decision: Decision, evidence:
     if info.get("dvc_experiment"):
         tags["dvc_experiment"] = info["dvc_experiment"]
     tags.update(info.get("version_tags", {}))
+    tags.update(lora_tags)
+    tags.update(registry_extras(info["checkpoint"]))   # controlnet_sd: base SD weights, LoRA logged
     version = tracking.register_model_version(model_uri, name, tags)
     tracking.set_alias(name, "challenger", version)
     if decision.promote:
@@ -147,7 +186,7 @@ def run_register(params_path: Path, run_info_path: Path, per_image_path: Path, s
         champion = evidence.champion_version
         decision = decide(evidence.challenger, evidence.input, evidence.sharp_in, evidence.champion, evidence.init_from,
                           gate_config(params), champion_label=f"champion v{champion.version}" if champion else "champion",
-                          init_label=f"train.init_from {evidence.init_from_path}")
+                          init_label=evidence.init_label or f"train.init_from {evidence.init_from_path}")
         with tracking.stage_run("register", params, sections=STAGES["register"].params, parent_run_id=info["run_id"],
                                 tags={"data_hash": info["data_hash"], "train_run_id": info["run_id"]}):
             version = record_in_registry(params, info, decision, evidence)

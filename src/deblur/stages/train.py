@@ -10,6 +10,7 @@ import torch
 
 from deblur import tracking
 from deblur.config import load_params
+from deblur.data.pairs import read_pairs
 from deblur.stages.spec import STAGES
 from deblur.training import (Trainer, TrainingError, TrainingInterrupted, curve_figure, init_distributed,
                              write_curve)
@@ -34,6 +35,7 @@ def run_train(params_path: Path, pairs_dir: Path, checkpoint_dir: Path, curve_pa
         trainer = Trainer(params, pairs_dir, checkpoint_dir, dist_info, resume_from)
         data_hash = trainer.resume_key["data"]
         tracking.set_tags({"device": str(trainer.device), "resumed": trainer.resumed, "data_hash": data_hash})
+        tracking.log_training_data(pairs_manifest(pairs_dir), "pairs", pairs_dir, data_hash)
         try:
             result = trainer.fit()
         except TrainingInterrupted:
@@ -54,6 +56,14 @@ def run_train(params_path: Path, pairs_dir: Path, checkpoint_dir: Path, curve_pa
     tracking.dump_json(info, run_info_path)
     _close_distributed(dist_info)
     return info
+
+
+def pairs_manifest(pairs_dir: Path) -> list[dict]:
+    """One row per train/val pair (the files ``training.train_data_hash`` digests), for the run's dataset input."""
+    root = Path(pairs_dir)
+    return [{"split": split, "id": r.id, "blur_type": r.blur_type, "source": r.source, "name": r.name,
+             "blur_image": str(r.blur_path.relative_to(root)), "clear_image": str(r.clear_path.relative_to(root))}
+            for split in ("train", "val") for r in read_pairs(root, split)]
 
 
 def _close_distributed(dist_info) -> None:
