@@ -10,10 +10,11 @@ method takes the same steps on the same patch stream:
 - LoRA (``train.lora`` targets, rank ``--rank``), only the adapter trains;
 - full fine-tuning, every weight trains;
 
-each at two learning rates (LoRA wants a larger one). Reported: adapter size on disk (peft's
-files), trainable-parameter share, test PSNR gained over the base model, seconds per step.
+each at its own learning rate (LoRA wants a larger one; give several to sweep). Reported:
+adapter size on disk (peft's files), trainable-parameter share, test PSNR gained over the base
+model, seconds per step; and documentation/img/lora_new_domain.png.
 
-    nice python bench/bench_lora.py [--steps 60] [--rank 4]   # results/lora.{json,md}
+    nice python bench/bench_lora.py [--steps 15] [--rank 4] [--lora-lrs 1e-3 3e-3]   # results/lora.{json,md}
 """
 
 from __future__ import annotations
@@ -128,12 +129,12 @@ def fine_tune(ckpt: dict, method: str, lr: float, train, test, params, args, sho
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints/pretrained/nafnet16.pt")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--patch", type=int, default=96)
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--lora-lrs", type=float, nargs="+", default=[5e-4, 2e-3])
-    parser.add_argument("--full-lrs", type=float, nargs="+", default=[2e-5, 1e-4])
+    parser.add_argument("--lora-lrs", type=float, nargs="+", default=[1e-3])
+    parser.add_argument("--full-lrs", type=float, nargs="+", default=[1e-4])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "lora")
     parser.add_argument("--figure", type=Path, default=FIGURE, help="the comparison picture (empty: none)")
@@ -186,6 +187,30 @@ def save_figure(record: dict, shown: dict, example, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_png(path, vstack([hstack(images, 360, titles), hstack(crops, 208, [f"{t.split(' dB')[0]} dB" for t in titles[:-1]]
                                                                   + ["sharp"])]))
+
+
+def markdown(r: dict) -> str:
+    mean = lambda v: float(np.mean(v))
+    lines = [f"# LoRA vs full fine-tuning on a new domain ({r['steps']} steps, batch {r['batch']} x {r['patch']}²)", "",
+             f"Domain: {r['domain']}. Base: `{r['checkpoint']}` ({r['checkpoint_bytes'] / 1e3:.0f} kB). "
+             f"LoRA rank {r['rank']}, alpha {r['alpha']}, targets {', '.join(r['target_modules'])}. "
+             f"Machine: {r['machine']} (shared: seconds are indicative).", "",
+             "| model | lr | trainable params (share) | stored update | test PSNR (dB) | gain over base (dB) | s/step |",
+             "|---|---|---|---|---|---|---|",
+             f"| blurred input | - | - | - | {mean(r['input_psnr']):.2f} | {mean(r['input_psnr']) - mean(r['base_psnr']):+.2f} | - |",
+             f"| base (shipped) | - | - | - | {mean(r['base_psnr']):.2f} | 0 | - |"]
+    for run in r["runs"]:
+        stored = (f"{run['adapter_bytes'] / 1e3:.1f} kB adapter" if "adapter_bytes" in run
+                  else f"{r['checkpoint_bytes'] / 1e3:.0f} kB checkpoint")
+        lines.append(f"| {'LoRA' if run['method'] == 'lora' else 'full fine-tune'} | {run['lr']:g} | "
+                     f"{run['trainable_parameters']:,} ({run['trainable_share']:.1%}) | {stored} | "
+                     f"{mean(run['test_psnr']):.2f} | {run['gain_over_base_db']:+.2f} | {run['seconds_per_step']:.2f} |")
+    lines += ["", "Per test image (radius px: input / base / " + " / ".join(
+        f"{'LoRA' if run['method'] == 'lora' else 'full'} {run['lr']:g}" for run in r["runs"]) + "):", ""]
+    for i, radius in enumerate(r["radii"]):
+        values = [r["input_psnr"][i], r["base_psnr"][i], *(run["test_psnr"][i] for run in r["runs"])]
+        lines.append(f"- image {i} (r={radius:.1f}): " + " / ".join(f"{v:.2f}" for v in values))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

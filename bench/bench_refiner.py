@@ -99,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "refiner_speed")
     parser.add_argument("--figure", type=Path, default=None, help="a trained refiner checkpoint: draw the crops figure")
     parser.add_argument("--pairs", type=Path, default=ROOT / "data" / "pairs", help="synthesize output (with --figure)")
+    parser.add_argument("--figure-png", type=Path, default=ROOT / "documentation" / "img" / "refiner_crops.png")
     args = parser.parse_args(argv)
     if args.figure is not None:
         torch.set_num_threads(args.threads)
-        report = figure(args.figure, args.pairs, args.params, ROOT / "documentation" / "img" / "refiner_crops.png")
+        report = figure(args.figure, args.pairs, args.params, args.figure_png)
         print(json.dumps(report, indent=2))
         return 0
 

@@ -10,6 +10,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from skimage import data as skdata
 
 from conftest import ROOT, TINY_OVERRIDES, write_params
@@ -20,8 +21,6 @@ from deblur.models import build_model
 from deblur.serving import export_serving_artifact, load_serving_model
 from deblur.tiling import deblur_array, tiled_inference
 from serving_support import encode, running_server, smooth_rgb
-
-from PIL import Image
 
 TINY_UNET = {"model.name": "diffusion_refiner", "model.diffusion_refiner.block_out_channels": [8, 16],
              "model.diffusion_refiner.norm_groups": 4, "model.diffusion_refiner.unshuffle": 2}

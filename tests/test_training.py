@@ -181,12 +181,27 @@ def test_cpu_time_adds_up_across_resumed_processes(tmp_path, pairs_dir, mlflow_u
 
 def test_a_run_saved_before_a_param_existed_resumes_if_the_param_keeps_the_old_behaviour(pairs_dir):
     """A resume key without model.nafnet.padding / train.deterministic reads as reflect / False."""
-    old = resume_key(params_with(**{"model.nafnet.padding": "reflect"}), pairs_dir)
+    old = resume_key(params_with(**{"model.name": "nafnet", "model.nafnet.padding": "reflect"}), pairs_dir)
     del old["params"]["model"]["nafnet"]["padding"]
     del old["params"]["train"]["deterministic"]
-    assert resume_mismatch(old, resume_key(params_with(**{"train.deterministic": False}), pairs_dir)) == []
-    now = resume_key(params_with(**{"model.nafnet.padding": "zeros", "train.deterministic": True}), pairs_dir)
+    assert resume_mismatch(old, resume_key(params_with(**{"model.name": "nafnet", "train.deterministic": False}),
+                                           pairs_dir)) == []
+    now = resume_key(params_with(**{"model.name": "nafnet", "model.nafnet.padding": "zeros",
+                                    "train.deterministic": True}), pairs_dir)
     assert resume_mismatch(old, now) == ["params changed: model.nafnet.padding, train.deterministic"]
+
+
+def test_sections_of_unselected_architectures_and_new_sections_do_not_block_a_resume(pairs_dir):
+    """A key saved before model.diffusion_refiner / model.controlnet_sd / synthesize.noise existed still resumes
+    a NAFNet run; a change in the selected architecture's own section still refuses it."""
+    old = resume_key(params_with(**{"model.name": "nafnet"}), pairs_dir)
+    for section in ("diffusion_refiner", "controlnet_sd"):
+        del old["params"]["model"][section]
+    del old["params"]["synthesize"]["noise"]
+    nafnet = {"model.name": "nafnet"}
+    assert resume_mismatch(old, resume_key(params_with(**nafnet, **{"model.unet.levels": 3}), pairs_dir)) == []
+    assert resume_mismatch(old, resume_key(params_with(**nafnet, **{"model.nafnet.width": 8}), pairs_dir)) == [
+        "params changed: model.nafnet.width"]
 
 
 def test_resume_from_continues_across_a_code_change_but_not_other_params(tmp_path, pairs_dir, mlflow_uri):

@@ -139,7 +139,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 # existed: a resume key without them reads as if it held these (a multi-day run survives the update).
 PARAMS_ADDED_SINCE = {"model.nafnet.padding": "reflect", "train.deterministic": False,
                       "train.lora.rank": 0, "train.lora.alpha": 4.0, "train.lora.dropout": 0.0,
-                      "train.lora.target_modules": ["conv1", "conv3", "conv4", "conv5", "sca.proj"]}
+                      "train.lora.target_modules": ["conv1", "conv3", "conv4", "conv5", "sca.proj"],
+                      "synthesize.noise.sigma_min": 0.02, "synthesize.noise.sigma_max": 0.1}
+
+
+def _selected_model_only(flat: dict) -> dict:
+    """``flat`` without the sections of architectures ``model.name`` does not select (they change nothing)."""
+    name = flat.get("model.name")
+    return {k: v for k, v in flat.items()
+            if not (k.startswith("model.") and k.count(".") >= 2 and not k.startswith(f"model.{name}."))}
 
 
 def resume_mismatch(saved: dict | None, current: dict) -> list[str]:
@@ -150,7 +158,8 @@ def resume_mismatch(saved: dict | None, current: dict) -> list[str]:
         keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         return [f"{what} changed: " + ", ".join(keys[:shown]) + (" ..." if len(keys) > shown else "")] if keys else []
 
-    old_params, new_params = _flatten(saved.get("params", {})), _flatten(current["params"])
+    old_params = _selected_model_only(_flatten(saved.get("params", {})))
+    new_params = _selected_model_only(_flatten(current["params"]))
     for key, legacy in PARAMS_ADDED_SINCE.items():
         if key in new_params and key not in old_params:
             old_params[key] = legacy
@@ -236,6 +245,9 @@ class Trainer:
         if self.device.type == "cuda" and self.cfg.compile:
             self.train_model = torch.compile(self.model)
         if self.dist.world_size > 1:
+            if hasattr(self.model, "training_loss"):   # its objective bypasses DDP's forward: no gradient sync
+                raise TrainingError(f"model.{params.model.name} trains through its own training_loss, which "
+                                    "multi-process (DDP) training does not synchronise yet: run it in one process")
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.train_model, device_ids=ids)
 

@@ -227,8 +227,9 @@ class DiffusionRefiner(nn.Module):
         out = torch.zeros_like(noisy)
         total = torch.zeros((1, 1, height, width), dtype=noisy.dtype, device=noisy.device)
         cells = [(r, y, c, x) for r, y in enumerate(ys) for c, x in enumerate(xs)]
-        for i in range(0, len(cells), max(1, batch_size // max(1, n))):
-            batch = cells[i:i + max(1, batch_size // max(1, n))]
+        per_call = max(1, batch_size // n)    # tiles per UNet call; each carries all n images
+        for i in range(0, len(cells), per_call):
+            batch = cells[i:i + per_call]
             crop = lambda a: torch.cat([a[..., y:y + tile_h, x:x + tile_w] for _, y, _, x in batch])
             pred = self.denoise(crop(noisy), crop(blurred), crop(estimate), t).float()
             for k, (r, y, c, x) in enumerate(batch):
