@@ -186,6 +186,10 @@ def test_adapter_trains_evaluates_registers_against_its_base_version_and_serves(
     assert version.tags["lora_adapter"] == "true"
     files = {Path(a.path).name for a in mlflow.artifacts.list_artifacts(f"models:/deblur/2/artifacts")}
     assert files == {lora.CONFIG_FILE, lora.WEIGHTS_FILE, lora.BASE_FILE}       # the adapter only, no base weights
+    logged = Path(mlflow.artifacts.download_artifacts("models:/deblur/2", dst_path=str(tmp_path / "logged")))
+    assert (logged / "lora_pyfunc_model.py").is_file() and not (logged / "python_model.pkl").exists()  # from code
+    requirements = (logged / "requirements.txt").read_text().splitlines()
+    assert "peft==0.21.2" in requirements and "torch==2.13.0" in requirements
 
     image = np.random.default_rng(0).integers(0, 256, size=(37, 45, 3), dtype=np.uint8)
     tiling = params.tiling

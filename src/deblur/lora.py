@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deblur.errors import DeblurError
-from deblur.mlflow_model import PIP_REQUIREMENTS, SIGNATURE, DeblurPyfunc
+from deblur.mlflow_model import IMAGE_COLUMN, PIP_REQUIREMENTS, SIGNATURE, DeblurPyfunc, example_png_base64
 
 ADAPTER_NAME = "default"
 CONFIG_FILE = "adapter_config.json"
@@ -341,6 +341,10 @@ def log_adapter_model(checkpoint: str | Path, tiling, name: str = "model",
                       max_pixels: int | None = None) -> tuple[str, dict]:
     """Log only the adapter of a LoRA checkpoint as a pyfunc model in the active run; returns
     its model URI and the base reference (for the version's tags)."""
+    from importlib.metadata import version
+
+    import pandas as pd
+
     from deblur.checkpoints import load_checkpoint
     from deblur.tracking import _mlflow
 
@@ -352,13 +356,14 @@ def log_adapter_model(checkpoint: str | Path, tiling, name: str = "model",
             warnings.simplefilter("ignore", UserWarning)
             info = mlflow.pyfunc.log_model(
                 name=name,
-                python_model=LoraAdapterPyfunc(),
+                python_model=str(Path(__file__).resolve().with_name("lora_pyfunc_model.py")),   # from code
                 artifacts={f: str(adapter_dir / f) for f in (CONFIG_FILE, WEIGHTS_FILE, BASE_FILE)},
                 code_paths=[str(Path(__file__).resolve().parent)],
                 signature=SIGNATURE,
+                input_example=pd.DataFrame({IMAGE_COLUMN: [example_png_base64()]}),
                 model_config={"tiling": tiling.model_dump(), "max_pixels": max_pixels,
                               "base_model_uri": ckpt["lora"]["base"]["uri"]},
-                pip_requirements=[*PIP_REQUIREMENTS, "peft", "safetensors"],
+                pip_requirements=[*PIP_REQUIREMENTS, f"peft=={version('peft')}", f"safetensors=={version('safetensors')}"],
             )
     return info.model_uri, ckpt["lora"]["base"]
 
