@@ -4,6 +4,7 @@ the train, evaluate and register stages to the registry and back out for inferen
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -206,6 +207,17 @@ def test_adapter_trains_evaluates_registers_against_its_base_version_and_serves(
     artifact = export_serving_artifact(info["checkpoint"], tmp_path / "exported", {"name": "deblur", "version": "2"},
                                        tiling=tiling, serving=params.serving)
     assert np.array_equal(load_serving_model(artifact, threads=1).deblur(image), expected)
+
+    import httpx
+    from PIL import Image
+    from serving_support import encode, running_server
+
+    env = {"MLFLOW_TRACKING_URI": mlflow_uri, "DEBLUR_MODEL_URI": "models:/deblur/2"}
+    with running_server(None, env=env) as server:          # the HTTP app: base v1 + the adapter from the registry
+        response = httpx.post(f"{server.url}/api/deblur", content=encode(Image.fromarray(image), "PNG"), timeout=120)
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Model-Version"] == "2"
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB")), expected)
 
     merged = tmp_path / "merged.pt"
     proc = subprocess.run([sys.executable, "-m", "deblur", "merge-lora", "--adapter", "models:/deblur/2", "-o",
