@@ -247,6 +247,9 @@ def test_api_key_is_required_when_set_and_a_full_queue_gets_503(tmp_path):
         assert c.post("/api/deblur", content=body, headers={"x-functions-key": "s3cret"}).status_code == 200
         assert c.post("/api/deblur?code=s3cret", content=body).status_code == 200
         assert _busy_response(c, server.url).status_code == 503
+        log = server.log()
+        assert "/api/deblur?code=*** " in log and "POST /api/deblur?code=***&tile_size=64" in log   # the access log
+        assert "s3cret" not in log and "wrong" not in log        # keys are never written, right or wrong
 
 
 def _busy_response(client: httpx.Client, url: str) -> httpx.Response:

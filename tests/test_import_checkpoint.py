@@ -233,3 +233,25 @@ def test_padding_is_validated():
     with pytest.raises(ValueError, match="circular"):
         pad_to_multiple(torch.zeros(1, 3, 5, 5), 4, "circular")
     assert pad_to_multiple(torch.ones(1, 1, 3, 5), 4, "zeros")[0, 0, -1].sum() == 0
+
+
+class _Payload:
+    """An arbitrary object: unpickling it would run code a checkpoint author chose."""
+
+    def __reduce__(self):
+        return (print, ("payload ran",))
+
+
+def test_checkpoints_are_read_weights_only_unless_a_run_resumes_its_own_state(tmp_path, capsys):
+    """A file that pickles more than tensors and plain values (e.g. a tampered registry artifact)
+    is refused with a message saying what to use; a training run's own last.pt is read in full."""
+    state = {"model_config": {"name": "stacked_conv", "stacked_conv": {"channels": 8, "depth": 2}},
+             "state_dict": {}, "extra": _Payload()}
+    path = tmp_path / "tampered.pt"
+    torch.save(state, path)
+    refused = r"tampered\.pt: holds objects other than tensors.*best\.pt \(it pickles print\)"
+    with pytest.raises(CheckpointError, match=refused):
+        load_checkpoint(path)
+    assert "payload ran" not in capsys.readouterr().out
+    load_checkpoint(path, trusted=True)
+    assert "payload ran" in capsys.readouterr().out

@@ -58,7 +58,7 @@ def test_train_stage_writes_checkpoints_curve_and_mlflow_run(tmp_path, pairs_dir
     info = run_train(params_file, pairs_dir, tmp_path / "ck", tmp_path / "curve.csv", tmp_path / "run.json")
 
     assert (tmp_path / "ck" / "best.pt").is_file() and (tmp_path / "ck" / "last.pt").is_file()
-    assert load_checkpoint(tmp_path / "ck" / "last.pt")["step"] == 6
+    assert load_checkpoint(tmp_path / "ck" / "last.pt", trusted=True)["step"] == 6
     assert json.loads((tmp_path / "run.json").read_text())["run_id"] == info["run_id"]
     rows = (tmp_path / "curve.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and len(rows) == 1 + 6
@@ -133,14 +133,14 @@ def test_resume_refuses_checkpoint_of_other_params_and_says_which(tmp_path, pair
         other = Trainer(params_with(**{"train.lr": 0.001}), pairs_dir, tmp_path / "ck")
     assert not other.resumed and other.step == 0
     assert "not resuming" in capsys.readouterr().out and "params changed: train.lr" in \
-        resume_mismatch(load_checkpoint(tmp_path / "ck" / "last.pt")["resume_key"], other.resume_key)[0]
+        resume_mismatch(load_checkpoint(tmp_path / "ck" / "last.pt", trusted=True)["resume_key"], other.resume_key)[0]
 
 
 def test_finished_run_is_not_resumed_but_interrupted_one_restores_best(tmp_path, pairs_dir, mlflow_uri, capsys):
     params = params_with()
     with tracking.stage_run("train", params):
         Trainer(params, pairs_dir, tmp_path / "done").fit()
-        assert load_checkpoint(tmp_path / "done" / "last.pt")["finished"] is True
+        assert load_checkpoint(tmp_path / "done" / "last.pt", trusted=True)["finished"] is True
         (tmp_path / "done" / "best.pt").unlink()          # what DVC does before re-running train
         again = Trainer(params, pairs_dir, tmp_path / "done")
         assert not again.resumed and again.step == 0
@@ -172,7 +172,7 @@ def test_resume_key_names_changed_data_and_code(tmp_path, pairs_dir):
 def test_cpu_time_adds_up_across_resumed_processes(tmp_path, pairs_dir, mlflow_uri):
     with tracking.stage_run("train", params_with()):
         _interrupt_at(Trainer(params_with(), pairs_dir, tmp_path / "ck"), 3)
-    saved = load_checkpoint(tmp_path / "ck" / "last.pt")["cpu_seconds"]
+    saved = load_checkpoint(tmp_path / "ck" / "last.pt", trusted=True)["cpu_seconds"]
     assert saved > 0
     resumed = Trainer(params_with(), pairs_dir, tmp_path / "ck")
     assert resumed.resumed and resumed.cpu_seconds_before == saved
@@ -208,7 +208,7 @@ def test_resume_from_continues_across_a_code_change_but_not_other_params(tmp_pat
     params = params_with()
     with tracking.stage_run("train", params):
         _interrupt_at(Trainer(params, pairs_dir, tmp_path / "old"), 3)
-        ckpt = load_checkpoint(tmp_path / "old" / "last.pt")
+        ckpt = load_checkpoint(tmp_path / "old" / "last.pt", trusted=True)
         ckpt["resume_key"]["code"]["src/deblur/losses.py"] = "0" * 12
         save_atomic(ckpt, tmp_path / "old" / "last.pt")
         assert not Trainer(params, pairs_dir, tmp_path / "old").resumed
@@ -283,7 +283,7 @@ def test_two_process_ddp_on_cpu(tmp_path, pairs_dir, mlflow_uri):
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'train'")
     assert [r.info.run_id for r in runs] == [info["run_id"]]   # only rank 0 logged
     assert runs[0].data.tags["world_size"] == "2"
-    assert load_checkpoint(tmp_path / "ck" / "last.pt")["step"] == 6
+    assert load_checkpoint(tmp_path / "ck" / "last.pt", trusted=True)["step"] == 6
 
 
 def test_sigterm_saves_last_checkpoint_and_the_same_command_resumes(tmp_path, pairs_dir, mlflow_uri):
@@ -305,7 +305,7 @@ def test_sigterm_saves_last_checkpoint_and_the_same_command_resumes(tmp_path, pa
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1, stderr[-2000:]
     assert "error: stopped by SIGTERM at step" in stderr and "run the same command to resume" in stderr
-    stopped_at = load_checkpoint(tmp_path / "ck" / "last.pt")["step"]
+    stopped_at = load_checkpoint(tmp_path / "ck" / "last.pt", trusted=True)["step"]
     assert 2 <= stopped_at < 40 and f"at step {stopped_at} of 40" in stderr
     assert not (tmp_path / "run.json").exists()
     client = mlflow.MlflowClient(mlflow_uri)
@@ -315,6 +315,6 @@ def test_sigterm_saves_last_checkpoint_and_the_same_command_resumes(tmp_path, pa
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {tmp_path / 'ck' / 'last.pt'} at step {stopped_at}" in resumed.stdout
-    assert load_checkpoint(tmp_path / "ck" / "last.pt")["step"] == 40
+    assert load_checkpoint(tmp_path / "ck" / "last.pt", trusted=True)["step"] == 40
     info = json.loads((tmp_path / "run.json").read_text())
     assert client.get_run(info["run_id"]).data.tags["resumed"] == "True"

@@ -149,7 +149,7 @@ def test_fp16_grad_scaler_skips_inf_gradients_and_resumes_its_scale(tmp_path, pa
     trainer.scaler.update(new_scale=256.0)
     trainer.step = 2
     trainer.save(best=False)
-    assert load_checkpoint(trainer.last_path)["scaler"]["scale"] == 256.0
+    assert load_checkpoint(trainer.last_path, trusted=True)["scaler"]["scale"] == 256.0
     resumed = Trainer(fp16, pairs_dir, tmp_path / "ck")
     assert resumed.resumed and resumed.scaler.get_scale() == 256.0
 
@@ -188,7 +188,7 @@ def test_gpu_pretrain_script_dry_run_on_cpu(tmp_path):
     best = b"".join(p.read_bytes() for p in sorted(out.glob("best.pt.[0-9]*")))
     assert best == (work / "state" / "checkpoints" / "best.pt").read_bytes()
     assert (out / "best.pt.sha256").read_text().split()[0] == hashlib.sha256(best).hexdigest()
-    assert load_checkpoint(work / "state" / "checkpoints" / "last.pt")["step"] == 4
+    assert load_checkpoint(work / "state" / "checkpoints" / "last.pt", trusted=True)["step"] == 4
     assert json.loads((work / "smoke" / "run.json").read_text())["run_id"] != run["run_id"]
     assert "train.log" in files
 

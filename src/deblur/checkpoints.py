@@ -15,6 +15,8 @@ as they were trained.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -114,14 +116,25 @@ def check_architecture(raw: dict, cfg: ModelConfig) -> None:
         raise RuntimeError(f"it holds nafnet {show(a)}; model.nafnet has {show(b)}")
 
 
-def read_checkpoint_file(path: str | Path) -> dict:
+def read_checkpoint_file(path: str | Path, trusted: bool = False) -> dict:
     """The dict a checkpoint file holds, as saved (deblur or official layout); CheckpointError
-    for a missing, unreadable or non-dict file."""
+    for a missing, unreadable or non-dict file.
+
+    Only tensors and plain values are unpickled (``weights_only``): a checkpoint can come from a
+    registry download or a colleague. ``trusted`` (a training run resuming its own ``last.pt``,
+    whose optimiser and RNG states need full unpickling) lifts that.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):   # not a refused object: a file that is no checkpoint
+            raise CheckpointError(f"{path}: unreadable checkpoint (UnpicklingError: {err})") from err
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain values, which are unpickled only "
+                              "when a training run resumes its own last.pt; for inference, init_from or import, "
+                              f"use a weights checkpoint such as best.pt ({_refused_global(err)})") from err
     except Exception as err:  # torch raises many types for a corrupt file
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(ckpt, dict):
@@ -129,10 +142,17 @@ def read_checkpoint_file(path: str | Path) -> dict:
     return ckpt
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a deblur checkpoint, or an official NAFNet one (converted, see ``deblur.official``)."""
+def _refused_global(err: Exception) -> str:
+    """The object torch's weights-only unpickler refused, from its message."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    return f"it pickles {found.group(1)}" if found else "it pickles an object that is not a tensor or a plain value"
+
+
+def load_checkpoint(path: str | Path, trusted: bool = False) -> dict:
+    """Read a deblur checkpoint, or an official NAFNet one (converted, see ``deblur.official``);
+    ``trusted``: see ``read_checkpoint_file``."""
     path = Path(path)
-    ckpt = read_checkpoint_file(path)
+    ckpt = read_checkpoint_file(path, trusted=trusted)
     from deblur import official
 
     if official.is_official(ckpt):

@@ -311,7 +311,7 @@ class Trainer:
         """Resume ``last.pt`` only if it is an unfinished run of the same params, data and code."""
         if not self.last_path.exists():
             return False
-        ckpt = load_checkpoint(self.last_path)
+        ckpt = load_checkpoint(self.last_path, trusted=True)   # this run's own training state
         reasons = resume_mismatch(ckpt.get("resume_key"), self.resume_key)
         if ckpt.get("finished"):
             reasons.insert(0, f"it is a finished run (step {ckpt['step']})")
@@ -323,7 +323,7 @@ class Trainer:
 
     def _resume_forced(self, path: Path) -> bool:
         """``--resume-from``: continue ``path`` although the code changed; params and data must match."""
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, trusted=True)   # a training state the user names to continue
         if ckpt.get("finished") or int(ckpt["step"]) >= self.cfg.max_steps:
             raise TrainingError(f"--resume-from {path}: that run already finished (step {ckpt['step']})")
         reasons = [r for r in resume_mismatch(ckpt.get("resume_key"), self.resume_key)

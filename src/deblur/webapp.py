@@ -25,6 +25,7 @@ import hmac
 import io
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -321,7 +322,7 @@ def _process(holder: ModelHolder, serving: ServingConfig, data: bytes, fmt: str,
     try:
         decoded = decode_image(data, name="the uploaded image", max_pixels=serving.max_pixels)
     except ImageError as err:
-        raise ApiError(400, "invalid_image", f"{err}; send a complete JPEG, PNG, WebP, TIFF or BMP file") from err
+        raise ApiError(400, "invalid_image", f"{err}; send a complete JPEG, PNG, WebP, TIFF, BMP or GIF file") from err
     timings["decode"] = _lap(mark)
     mark = time.perf_counter()
     restored = model.deblur(decoded.rgb, tile_size, overlap, sampling)
@@ -551,6 +552,33 @@ def _restart_with_malloc_settings(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "deblur.webapp", *argv], env)
 
 
+SECRET_QUERY = re.compile(r"([?&](?:code|key|api_key|sig)=)[^&\s\"]*", re.IGNORECASE)
+
+
+class RedactSecrets(logging.Filter):
+    """Masks keys sent in the query (``?code=``, Azure's function key) in every log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(SECRET_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = SECRET_QUERY.sub(r"\1***", record.msg)
+        return True
+
+
+def uvicorn_log_config() -> dict:
+    """uvicorn's logging set-up with ``RedactSecrets`` on its handlers (the access log shows each query)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact"] = {"()": RedactSecrets}
+    for handler in config["handlers"].values():
+        handler["filters"] = [*handler.get("filters", []), "redact"]
+    return config
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m deblur.webapp``: serve the app with uvicorn on one worker."""
     import uvicorn
@@ -566,9 +594,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.keep_malloc:
         _restart_with_malloc_settings(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactSecrets())
     app = create_app(args.model_dir, preload=not args.no_preload)
     print(f"deblur: serving http://{args.host}:{args.port}/ (model: {app.state.holder.source.describe()})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="info")
+    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="info", log_config=uvicorn_log_config())
 
 
 if __name__ == "__main__":
