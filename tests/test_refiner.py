@@ -314,3 +314,18 @@ def test_http_refuses_seed_for_a_model_that_does_not_sample(tmp_path):
     assert answer.status_code == 400
     assert "seed= apply to diffusion refiner models only; this model is a StackedConv" in answer.json()["detail"]
     assert json.loads(answer.text)["error"] == "invalid_parameter"
+
+
+def test_predictor_sources_are_checked_the_same_way_for_every_diffusion_model(tmp_path):
+    """One resolver for both families: a missing file and a diffusion checkpoint are refused, naming the setting."""
+    from deblur.diffusion import predictor_checkpoint
+    from deblur.diffusion.refiner import RefinerError
+
+    with pytest.raises(RefinerError, match=r"model.diffusion_refiner.predictor: .*missing.pt: checkpoint not found"):
+        predictor_checkpoint(str(tmp_path / "missing.pt"), "model.diffusion_refiner.predictor", RefinerError)
+    refiner_file = tmp_path / "refiner.pt"
+    torch.save({"model_config": {"name": "diffusion_refiner"}, "state_dict": {}}, refiner_file)
+    with pytest.raises(ValueError, match=r"model.controlnet_sd.predictor: .*refiner.pt is a diffusion model"):
+        predictor_checkpoint(str(refiner_file), "model.controlnet_sd.predictor", ValueError)
+    ckpt = predictor_checkpoint(str(ROOT / "checkpoints/pretrained/nafnet16.pt"), "x", ValueError)
+    assert ckpt["model_config"]["name"] == "nafnet"

@@ -159,22 +159,10 @@ def image_gradient_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch
 
 def load_predictor(source: str) -> nn.Module:
     """The deterministic first-estimate model from a checkpoint path or a ``models:/`` URI (frozen, fp32)."""
-    from deblur.checkpoints import load_checkpoint, model_from_checkpoint
+    from deblur.checkpoints import model_from_checkpoint
+    from deblur.diffusion import predictor_checkpoint
 
-    if source.startswith("models:/"):
-        from deblur import tracking
-
-        path = tracking.download_checkpoint(source, Path(tempfile.mkdtemp(prefix="controlnet-sd-predictor-")))
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ControlNetSDError(f"model.controlnet_sd.predictor: {source}: checkpoint not found "
-                                    "(give a checkpoint path, a models:/<name>@<alias> URI, or null)")
-    ckpt = load_checkpoint(path)
-    if ckpt["model_config"].get("name") in ("controlnet_sd", "diffusion_refiner"):
-        raise ControlNetSDError(f"model.controlnet_sd.predictor: {source} is a diffusion model; "
-                                "give a deterministic one (nafnet, unet, stacked_conv)")
-    model = model_from_checkpoint(ckpt)
+    model = model_from_checkpoint(predictor_checkpoint(source, "model.controlnet_sd.predictor", ControlNetSDError))
     for p in model.parameters():
         p.requires_grad_(False)
     return model

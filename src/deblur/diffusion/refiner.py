@@ -34,22 +34,6 @@ class RefinerError(ValueError):
     """A refiner cannot be built or run as asked; the message names the setting."""
 
 
-def resolve_predictor(source: str, download_dir: Path | None = None) -> Path:
-    """A checkpoint path for ``source``: a file path as is, a ``models:/`` URI downloaded from MLflow."""
-    if source.startswith("models:/"):
-        import tempfile
-
-        from deblur import tracking
-
-        dest = download_dir or Path(tempfile.mkdtemp(prefix="refiner-predictor-"))
-        return tracking.download_checkpoint(source, dest)
-    path = Path(source)
-    if not path.is_file():
-        raise RefinerError(f"model.diffusion_refiner.predictor: {source}: checkpoint not found "
-                           "(give a checkpoint path or a models:/<name>@<alias> URI)")
-    return path
-
-
 def _encode_spec(spec: dict) -> torch.Tensor:
     return torch.tensor(list(json.dumps(spec, sort_keys=True).encode()), dtype=torch.uint8)
 
@@ -60,12 +44,10 @@ def _decode_spec(blob: torch.Tensor) -> dict:
 
 def _load_predictor(source: str) -> tuple[nn.Module, dict]:
     """The predictor model (fp32, eval, frozen, inference form) and its spec from a checkpoint or URI."""
-    from deblur.checkpoints import load_checkpoint, model_from_checkpoint
+    from deblur.checkpoints import model_from_checkpoint
+    from deblur.diffusion import predictor_checkpoint
 
-    ckpt = load_checkpoint(resolve_predictor(source))
-    if ckpt["model_config"].get("name") == "diffusion_refiner":
-        raise RefinerError(f"model.diffusion_refiner.predictor: {source} is itself a diffusion refiner; "
-                           "give a deterministic model (nafnet, unet, stacked_conv)")
+    ckpt = predictor_checkpoint(source, "model.diffusion_refiner.predictor", RefinerError)
     spec = {"model_config": ckpt["model_config"], "train_patch_size": int(ckpt.get("train_patch_size", 256)),
             "source": source}
     return model_from_checkpoint(ckpt), spec
