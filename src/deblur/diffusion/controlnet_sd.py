@@ -448,13 +448,10 @@ def save_lora_from_checkpoint(checkpoint: dict | str | Path, out_dir: str | Path
     return out_dir
 
 
-def registry_extras(checkpoint: str | Path) -> dict[str, str]:
-    """For the register stage: the model version's tags naming the base SD weights (directory and
-    hash of model_index.json + unet/config.json), and the LoRA (if any) logged as ``lora/`` artifacts
-    of the active run. Empty for other models."""
-    from deblur.checkpoints import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
+def registry_extras(ckpt: dict) -> dict[str, str]:
+    """For the register stage, given the loaded checkpoint: the model version's tags naming the base
+    SD weights (directory and hash of model_index.json + unet/config.json), and the LoRA (if any)
+    logged as ``lora/`` artifacts of the active run. Empty for other models."""
     settings = ckpt["model_config"].get("controlnet_sd")
     if ckpt["model_config"].get("name") != "controlnet_sd" or not settings:
         return {}

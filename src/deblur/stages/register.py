@@ -111,7 +111,8 @@ def record_in_registry(params: Params, info: dict, decision: Decision, evidence:
     from deblur.mlflow_model import log_deblur_model
 
     name = params.registration.model_name
-    lora = load_checkpoint(info["checkpoint"]).get("lora")
+    checkpoint = load_checkpoint(info["checkpoint"])   # read once: which kind of model this is
+    lora = checkpoint.get("lora")
     lora_tags = {}
     if lora:
         from deblur.lora import log_adapter_model
@@ -130,7 +131,7 @@ def record_in_registry(params: Params, info: dict, decision: Decision, evidence:
         tags["dvc_experiment"] = info["dvc_experiment"]
     tags.update(info.get("version_tags", {}))
     tags.update(lora_tags)
-    tags.update(registry_extras(info["checkpoint"]))   # controlnet_sd: base SD weights, LoRA logged
+    tags.update(registry_extras(checkpoint))   # controlnet_sd: base SD weights, LoRA logged
     version = tracking.register_model_version(model_uri, name, tags)
     tracking.set_alias(name, "challenger", version)
     if decision.promote:
