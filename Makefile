@@ -35,7 +35,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow"
 
 serve: install
-	$(PY) -m deblur.webapp --host 127.0.0.1 --port $(PORT) --model-dir function_app/model
+	$(PY) -m deblur.service --host 127.0.0.1 --port $(PORT) --model-dir function_app/model
 
 function-package: install
 	$(PY) scripts/build_function_package.py --out build/function_app --model-dir function_app/model

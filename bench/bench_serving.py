@@ -1,4 +1,4 @@
-"""HTTP serving: latency, throughput, cold start and memory of ``python -m deblur.webapp``.
+"""HTTP serving: latency, throughput, cold start and memory of ``python -m deblur.service``.
 
 Starts the real server on a free loopback port with the given serving artifact and sends
 JPEG photos (scikit-image's 'chelsea', resized) of each size at each concurrency:
@@ -10,7 +10,7 @@ JPEG photos (scikit-image's 'chelsea', resized) of each size at each concurrency
 - in process, the same model: tiled (batched, feathered, grid-aligned) vs the naive loop
   (one tile at a time, uniform averaging), time and PSNR against whole-image inference.
 
-The bench restarts itself with the server's allocator settings (``deblur.webapp.MALLOC_ENV``).
+The bench restarts itself with the server's allocator settings (``deblur.service.MALLOC_ENV``).
 
     python bench/bench_serving.py --model-dir function_app/model [--label unet] [--requests 4]
 
@@ -76,7 +76,7 @@ class Server:
         self.log = (log_dir / f"server-{self.port}.log").open("w")
         self.started = time.perf_counter()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "deblur.webapp", "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "deblur.service", "--host", "127.0.0.1", "--port", str(self.port),
              "--model-dir", str(model_dir)], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def first_response(self, body: bytes, timeout: float = 120) -> float:
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-size", default="1280x720", help="image size of the tiled-vs-naive comparison")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
     args = parser.parse_args(argv)
-    from deblur.webapp import MALLOC_ENV
+    from deblur.service.server import MALLOC_ENV
 
     if not all(k in os.environ for k in MALLOC_ENV):  # the server's allocator settings, here too
         os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], {**MALLOC_ENV, **os.environ})

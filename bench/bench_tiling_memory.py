@@ -6,7 +6,7 @@ AFTER is the package's ``tiled_inference``, which builds each distinct weight ti
 (``BlendWeights``, at most nine) and divides by the summed weight a strip of rows at a
 time (BEFORE formed it full-size for the division). Each (image, implementation) runs in
 a fresh subprocess, so its peak RSS (``ru_maxrss``) is its own, with the server's
-allocator settings (``deblur.webapp.MALLOC_ENV``), on a random uint8 image, through a
+allocator settings (``deblur.service.MALLOC_ENV``), on a random uint8 image, through a
 near-identity 1x1 convolution on a 16-pixel grid so the model adds little compute or
 memory. Tiling is params.yaml's: tile 288, overlap 32, batch 1. Outputs of BEFORE and
 AFTER are compared by SHA-256.
@@ -168,7 +168,7 @@ def measure(implementation: str, height: int, width: int, threads: int) -> dict:
 
 
 def run_in_subprocess(implementation: str, height: int, width: int, threads: int) -> dict:
-    from deblur.webapp import MALLOC_ENV
+    from deblur.service.server import MALLOC_ENV
 
     command = [sys.executable, __file__, "--worker", implementation, "--sizes", f"{width}x{height}",
                "--threads", str(threads)]

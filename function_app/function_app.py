@@ -2,7 +2,7 @@
 
 One HTTP function, ``http_app_func``, with the catch-all route ``/{*route}`` under
 host.json's ``routePrefix`` ("api"): Azure hands every request to the FastAPI app of
-``deblur.webapp`` with its full path, so ``/api/deblur``, ``/api/health`` and ``/api/ui``
+``deblur.service`` with its full path, so ``/api/deblur``, ``/api/health`` and ``/api/ui``
 reach the app's routes of the same name. The model folder defaults to ``model/`` beside
 this file (app setting ``DEBLUR_MODEL_DIR`` overrides it).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import azure.functions as func
 
-from deblur.webapp import create_app
+from deblur.service import create_app
 
 os.environ.setdefault("DEBLUR_MODEL_DIR", str(Path(__file__).resolve().parent / "model"))
 

@@ -73,7 +73,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m deblur.webapp`` as a real subprocess on a free loopback port."""
+    """``python -m deblur.service`` as a real subprocess on a free loopback port."""
 
     def __init__(self, model_dir: Path | None, env: dict | None = None) -> None:
         self.port = free_port()
@@ -85,7 +85,7 @@ class ServerProcess:
         self.started = time.perf_counter()
         model_args = ["--model-dir", str(model_dir)] if model_dir is not None else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "deblur.webapp", "--host", "127.0.0.1", "--port", str(self.port), *model_args],
+            [sys.executable, "-m", "deblur.service", "--host", "127.0.0.1", "--port", str(self.port), *model_args],
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
 

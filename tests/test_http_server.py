@@ -1,4 +1,4 @@
-"""The HTTP service as a real ``python -m deblur.webapp`` process, driven with real HTTP requests."""
+"""The HTTP service as a real ``python -m deblur.service`` process, driven with real HTTP requests."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deblur.webapp import InferenceGate
+from deblur.service.admission import InferenceGate
 from serving_support import PARAMS, encode, make_artifact, running_server, smooth_rgb
 
 LIMITS = {"max_body_mb": 1, "max_pixels": 1_000_000, "max_side": 2000, "min_side": 8}

@@ -26,7 +26,7 @@ from deblur.serving import (
     read_artifact_meta,
 )
 from deblur.tiling import deblur_array
-from deblur.webapp import MALLOC_ENV
+from deblur.service.server import MALLOC_ENV
 from serving_support import PARAMS, ROOT, encode, make_artifact, make_checkpoint, running_server, smooth_rgb
 
 sys.path.insert(0, str(ROOT / "scripts"))

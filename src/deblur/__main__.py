@@ -76,9 +76,9 @@ def parser() -> argparse.ArgumentParser:
                       help="tiling for a models:/ URI whose model carries none (default params.yaml)")
     pred.set_defaults(run=_predict)
 
-    # listed for --help; main() hands its arguments, --help included, to deblur.webapp
+    # listed for --help; main() hands its arguments, --help included, to deblur.service
     commands.add_parser("serve", add_help=False,
-                        help="serve the HTTP API and web page (deblur.webapp: --host, --port, --model-dir)")
+                        help="serve the HTTP API and web page (deblur.service: --host, --port, --model-dir)")
 
     one = commands.add_parser(
         "import-checkpoint", help="register an official NAFNet checkpoint (.pth) through the promotion gate",
@@ -125,9 +125,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
-        from deblur import webapp
+        from deblur.service import server
 
-        webapp.main(argv[1:])
+        server.main(argv[1:])
         return 0
     if argv[:1] == ["import-pretrained"]:
         from deblur import import_pretrained

@@ -389,6 +389,11 @@ class ServingConfig(_Strict):
     weights_dtype: Literal["fp32", "fp16"]
     output_quality: int = Field(ge=1, le=100)
     refiner_steps_range: tuple[int, int]
+    runtime: Literal["torch", "onnx"]
+    max_buffered_mb: float = Field(gt=0)
+    header_timeout_seconds: float = Field(gt=0)
+    body_timeout_seconds: float = Field(gt=0)
+    shutdown_grace_seconds: float = Field(ge=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "ServingConfig":

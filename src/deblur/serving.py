@@ -14,7 +14,6 @@ one path that talks to an MLflow registry; it imports mlflow when called.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,20 +26,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deblur.artifact import (  # noqa: F401  (re-exported: the artifact's names live in deblur.artifact)
+    DEFAULT_MODEL_DIR,
+    FORMAT_VERSION,
+    META_FILE,
+    UNREGISTERED,
+    WEIGHTS_FILE,
+    ServingError,
+    read_artifact_meta,
+    sha256_file,
+)
 from deblur.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
 from deblur.config import ServingConfig, TilingConfig
 from deblur.imageio import DecodedImage
-from deblur.tiling import deblur_array
-
-WEIGHTS_FILE = "model.pt"
-META_FILE = "model.json"
-FORMAT_VERSION = 1
-DEFAULT_MODEL_DIR = Path("function_app/model")
-UNREGISTERED = "unregistered"
-
-
-class ServingError(RuntimeError):
-    """A serving artifact or registry model is missing or cannot be loaded; the message says which."""
+from deblur.tiling import BatchCallback, deblur_array
 
 
 @dataclass
@@ -86,11 +85,12 @@ class ServingModel:
                 "steps": default_steps if steps is None else int(steps)}
 
     def deblur(self, image: DecodedImage | np.ndarray, tile_size: int | None = None,
-               overlap: int | None = None, sampling: dict[str, int] | None = None) -> np.ndarray:
+               overlap: int | None = None, sampling: dict[str, int] | None = None,
+               on_batch: BatchCallback | None = None) -> np.ndarray:
         """Deblur an HxWx3 uint8 RGB array (or a DecodedImage's RGB); alpha is the caller's.
-        ``sampling`` (seed, steps) is for a diffusion refiner only."""
+        ``sampling`` (seed, steps) is for a diffusion refiner only; ``on_batch``: see deblur.tiling."""
         rgb = image.rgb if isinstance(image, DecodedImage) else image
-        return deblur_array(self.model, rgb, self.tiling_for(tile_size, overlap), sampling=sampling)
+        return deblur_array(self.model, rgb, self.tiling_for(tile_size, overlap), sampling=sampling, on_batch=on_batch)
 
 
 def export_serving_artifact(
@@ -131,7 +131,7 @@ def export_serving_artifact(
             "format_version": FORMAT_VERSION,
             "architecture": ckpt["model_config"]["name"],
             "weights_dtype": serving.weights_dtype,
-            "weights_sha256": _sha256(staging / WEIGHTS_FILE),
+            "weights_sha256": sha256_file(staging / WEIGHTS_FILE),
             "train_patch_size": payload["train_patch_size"],
             "step": payload["step"],
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -144,27 +144,6 @@ def export_serving_artifact(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
-
-
-def read_artifact_meta(model_dir: str | Path) -> dict:
-    """The parsed ``model.json`` of a serving artifact (cheap: no weights are read)."""
-    path = Path(model_dir) / META_FILE
-    if not path.is_file():
-        raise ServingError(f"{model_dir}: no serving model here ({META_FILE} not found); "
-                           "export one with the register stage or set DEBLUR_MODEL_DIR")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ServingError(f"{path}: unreadable ({err})") from err
-    missing = {"tiling", "serving", "format_version"} - set(meta)
-    if missing:
-        raise ServingError(f"{path}: not a serving artifact (missing {sorted(missing)})")
-    if isinstance(meta["serving"], dict) and "refiner_steps_range" not in meta["serving"]:
-        # exported before diffusion refiners existed: such an artifact holds none, so no steps apply
-        meta["serving"] = {**meta["serving"], "refiner_steps_range": [1, 1]}
-    if meta["format_version"] != FORMAT_VERSION:
-        raise ServingError(f"{path}: format_version {meta['format_version']}, this code reads {FORMAT_VERSION}")
-    return meta
 
 
 def load_serving_model(model_dir: str | Path, threads: int | None = None) -> ServingModel:
@@ -241,14 +220,6 @@ def _model_or_serving_error(weights: Path) -> torch.nn.Module:
         return model_from_checkpoint(weights)
     except (CheckpointError, KeyError, RuntimeError, ValueError) as err:
         raise ServingError(f"{weights}: cannot build the model ({type(err).__name__}: {err})") from err
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _replace_dir(staging: Path, target: Path) -> None:

@@ -25,8 +25,9 @@ whatever the image size.
 from __future__ import annotations
 
 import math
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +77,7 @@ def feather_ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) ->
     return weights
 
 
+BatchCallback = Callable[[int, int, float], None]   # (tiles in the batch, pixels per tile, seconds)
 RampKind = tuple[bool, bool]  # (ramps at the start, ramps at the end) of a tile along one axis
 
 
@@ -170,6 +172,7 @@ def tiled_inference(
     batch_size: int,
     align: int | None = None,
     sampling: dict | None = None,
+    on_batch: BatchCallback | None = None,
 ) -> torch.Tensor:
     """Deblur ``image`` (N,3,H,W; float in [0, 1] or uint8) tile by tile; returns float32 in [0, 1].
 
@@ -179,6 +182,8 @@ def tiled_inference(
     A model with ``tiles_itself`` (the diffusion refiner: one noise tensor over the whole
     image) gets the whole image and the tile settings through its ``restore``, with the
     per-call ``sampling`` settings (seed, steps); other models refuse ``sampling``.
+    ``on_batch(tiles, tile_pixels, seconds)`` is called after each tile batch (not for a
+    model that tiles itself); it may raise to stop the work (a cancelled request).
     """
     _check_args(image, tile_size, overlap, batch_size)
     if getattr(model, "tiles_itself", False):
@@ -200,6 +205,7 @@ def tiled_inference(
     output = torch.zeros((n, 3, height, width), dtype=torch.float32, device=device)
     with torch.inference_mode():
         for batch in _batches(tiles, batch_size):
+            mark = time.perf_counter()
             crops = [_cut_tile(image, t.image, t.y, t.x, tile_h, tile_w) for t in batch]
             inputs = _as_float(torch.stack(crops).to(device), dtype)
             preds = model(inputs)
@@ -210,6 +216,8 @@ def tiled_inference(
                 valid_h, valid_w = min(tile_h, height - t.y), min(tile_w, width - t.x)
                 weights = blend.tile(t.row, t.col)[:valid_h, :valid_w]
                 output[t.image, :, t.y:t.y + valid_h, t.x:t.x + valid_w] += pred[:, :valid_h, :valid_w] * weights
+            if on_batch is not None:
+                on_batch(len(batch), tile_h * tile_w, time.perf_counter() - mark)
         _divide_by_total(output, total_y, total_x, tile_h)
         output.clamp_(0.0, 1.0)
     return output
@@ -240,9 +248,10 @@ def deblur_array(
     rgb: np.ndarray,
     tiling: TilingConfig | tuple[int, int, int],
     sampling: dict | None = None,
+    on_batch: BatchCallback | None = None,
 ) -> np.ndarray:
     """Deblur one HxWx3 uint8 RGB array; ``tiling`` is a TilingConfig or (tile_size, overlap, batch_size);
-    ``sampling`` (seed, steps) goes to a diffusion model (see ``tiled_inference``)."""
+    ``sampling`` (seed, steps) goes to a diffusion model; ``on_batch``: see ``tiled_inference``."""
     if isinstance(tiling, TilingConfig):
         tile_size, overlap, batch_size = tiling.tile_size, tiling.overlap, tiling.batch_size
     else:
@@ -252,6 +261,6 @@ def deblur_array(
     with warnings.catch_warnings():  # decoded images are read-only arrays; tiles are only read from them
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
-    out = tiled_inference(model, image, tile_size, overlap, batch_size, sampling=sampling)
+    out = tiled_inference(model, image, tile_size, overlap, batch_size, sampling=sampling, on_batch=on_batch)
     out = out[0].mul_(255.0).round_().to(torch.uint8).permute(1, 2, 0).cpu()
     return np.ascontiguousarray(out.numpy())

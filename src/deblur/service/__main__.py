@@ -1,0 +1,3 @@
+from deblur.service.server import main
+
+main()
