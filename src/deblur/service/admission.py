@@ -70,3 +70,56 @@ def check_expected_time(speed: SpeedEstimate, pixels: int, serving: ServingConfi
         raise ApiError(413, "image_too_slow", f"this {pixels / 1e6:.1f} MP image would take about {expected:.0f} s "
                        f"on this server, over the {serving.max_request_seconds:g} s limit "
                        f"(serving.max_request_seconds): downscale it to at most {largest:.1f} MP")
+
+
+class MemoryBudget:
+    """Bytes held for requests across the worker (``serving.max_buffered_mb``): bodies being read, decoded pixels."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = int(limit_bytes)
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def try_take(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.used + nbytes > self.limit:
+                return False
+            self.used += nbytes
+            return True
+
+    def give_back(self, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
+
+    def reservation(self) -> "Reservation":
+        return Reservation(self)
+
+
+class Reservation:
+    """One request's share of a ``MemoryBudget``; ``cover(n)`` grows it to at least ``n`` bytes, ``close()`` frees it."""
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget, self.held = budget, 0
+
+    def cover(self, nbytes: int, what: str = "request bodies") -> None:
+        """Hold at least ``nbytes`` in all; 503 ``busy`` when the budget has no room now."""
+        extra = int(nbytes) - self.held
+        if extra <= 0:
+            return
+        if not self.budget.try_take(extra):
+            limit_mb = self.budget.limit / 2**20
+            raise ApiError(503, "busy", f"the server holds too much data now ({what}: the "
+                           f"{limit_mb:g} MB budget of serving.max_buffered_mb is in use); retry in a few seconds",
+                           headers={"Retry-After": "5"})
+        self.held += extra
+
+    def close(self) -> None:
+        if self.held:
+            self.budget.give_back(self.held)
+            self.held = 0
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
