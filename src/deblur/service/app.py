@@ -59,7 +59,7 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
 
     app = FastAPI(title="deblur", summary="Single-image deblurring", lifespan=lifespan,
                   docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
-    app.state.holder = holder
+    app.state.holder, app.state.serving = holder, serving
     add_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
