@@ -38,7 +38,8 @@ from deblur.artifact import (  # noqa: F401  (re-exported: the artifact's names 
 )
 from deblur.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
 from deblur.config import ServingConfig, TilingConfig
-from deblur.imageio import DecodedImage
+from deblur.imageio import DecodedImage, decode_image, encode_image
+from deblur.speed import PRIOR_KEY, measure_speed_prior
 from deblur.tiling import BatchCallback, deblur_array
 
 
@@ -100,12 +101,14 @@ def export_serving_artifact(
     *,
     tiling: TilingConfig,
     serving: ServingConfig,
+    onnx: bool | None = None,
 ) -> Path:
     """Write ``out_dir/model.pt`` and ``out_dir/model.json`` from a checkpoint; replaces ``out_dir`` whole.
 
     ``meta`` is free-form JSON (``name`` or ``model_name``, version, alias, run_id, metrics,
     ...); the keys this function writes itself (format_version, architecture, tiling,
-    serving, ...) win.
+    serving, ...) win. ``onnx`` (default: ``serving.runtime == "onnx"``) also writes
+    ``model.onnx`` (deblur.onnx_runtime) for the architectures that have an ONNX form.
     """
     ckpt = load_checkpoint(checkpoint_path)
     if ckpt.get("lora"):   # a LoRA run is served merged: plain layers, no adapter overhead (deblur.lora)
@@ -137,13 +140,41 @@ def export_serving_artifact(
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "tiling": tiling.model_dump(mode="json"),
             "serving": serving.model_dump(mode="json"),
+            PRIOR_KEY: measure_torch_speed(staging / WEIGHTS_FILE, tiling, serving),
         }
+        if serving.runtime == "onnx" if onnx is None else onnx:
+            from deblur.onnx_runtime import add_onnx_model
+
+            add_onnx_model(staging, full_meta, tiling, serving)
         (staging / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def measure_torch_speed(weights: Path, tiling: TilingConfig, serving: ServingConfig) -> dict:
+    """``{"torch": prior}``: a few tile batches of the exported weights timed on this machine with
+    ``serving.threads`` (deblur.speed.measure_speed_prior); empty for a model that tiles itself."""
+    model = _model_or_serving_error(weights)
+    if getattr(model, "tiles_itself", False):
+        return {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(serving.threads)
+    try:
+        prior = measure_speed_prior(ServingModel(model=model, meta={}, tiling=tiling), tiling.tile_size,
+                                    tiling.overlap, int(getattr(model, "size_multiple", 1)),
+                                    encode_decode=lambda rgb: png_round_trip(rgb, serving))
+    finally:
+        torch.set_num_threads(threads)
+    return {"torch": prior.to_json()}
+
+
+def png_round_trip(rgb: np.ndarray, serving: ServingConfig) -> None:
+    """Encode and decode ``rgb`` as the service does for a PNG request (the per-request cost of a speed prior)."""
+    decode_image(encode_image(rgb, "PNG", quality=serving.output_quality), name="speed prior",
+                 max_pixels=serving.max_pixels)
 
 
 def load_serving_model(model_dir: str | Path, threads: int | None = None) -> ServingModel:

@@ -19,7 +19,8 @@ middle or the last, so there are at most 3 x 3 distinct 2-D weight tiles:
 ``BlendWeights`` builds each once, on first use, and reuses it. Tiles go through the
 model ``batch_size`` at a time under ``torch.inference_mode``: peak memory is the output
 buffer plus one tile batch, at most nine weight tiles and one strip of summed weight,
-whatever the image size.
+whatever the image size. The grid itself comes from deblur.tile_plan (torch-free), which the
+ONNX runtime (deblur.onnx_runtime) shares.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from deblur.config import TilingConfig
+from deblur.tile_plan import RampKind, check_tiling_args, ramp_kind, tile_starts
+from deblur.tile_plan import round_up as _round_up
 
 
 @dataclass(frozen=True)
@@ -44,23 +47,6 @@ class Tile:
     x: int
     row: int     # index into the row (y) starts
     col: int     # index into the column (x) starts
-
-
-def tile_starts(length: int, tile_size: int, overlap: int, align: int = 1) -> list[int]:
-    """Starts of tiles covering ``[0, length)``: multiples of ``align``, evenly spread, sharing at
-    least ``overlap`` pixels; ``length`` and ``tile_size`` must be multiples of ``align``."""
-    if length <= tile_size:
-        return [0]
-    max_stride = (tile_size - overlap) // align * align
-    if max_stride <= 0:
-        raise ValueError(f"tile_size {tile_size} minus overlap {overlap} leaves no stride on a grid of {align}")
-    span = length - tile_size
-    count = math.ceil(span / max_stride) + 1
-    return [round(i * span / (count - 1) / align) * align for i in range(count)]
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def feather_ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) -> torch.Tensor:
@@ -78,12 +64,6 @@ def feather_ramp(length: int, overlap: int, ramp_start: bool, ramp_end: bool) ->
 
 
 BatchCallback = Callable[[int, int, float], None]   # (tiles in the batch, pixels per tile, seconds)
-RampKind = tuple[bool, bool]  # (ramps at the start, ramps at the end) of a tile along one axis
-
-
-def ramp_kind(index: int, count: int) -> RampKind:
-    """Sides of tile ``index`` of ``count`` along an axis that face a neighbour."""
-    return index > 0, index < count - 1
 
 
 def _axis_total(length: int, starts: list[int], tile_len: int, overlap: int) -> torch.Tensor:
@@ -155,13 +135,7 @@ def _as_float(tile: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _check_args(image: torch.Tensor, tile_size: int, overlap: int, batch_size: int) -> None:
-    if image.dim() != 4 or image.shape[1] != 3:
-        raise ValueError(f"expected an image tensor of shape (N, 3, H, W), got {tuple(image.shape)}")
-    if tile_size < 1 or batch_size < 1 or overlap < 0:
-        raise ValueError(f"tile_size and batch_size must be >= 1 and overlap >= 0 "
-                         f"(got {tile_size}, {batch_size}, {overlap})")
-    if 2 * overlap >= tile_size:
-        raise ValueError(f"overlap {overlap} must be less than half of tile_size {tile_size}")
+    check_tiling_args(tuple(image.shape), tile_size, overlap, batch_size)
 
 
 def tiled_inference(

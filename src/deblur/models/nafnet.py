@@ -45,6 +45,9 @@ class LocalAvgPool2d(nn.Module):
 
     Border pixels take the value of the nearest full window (edge padding), as NAFNet's
     ``AvgPool2d(fast_imp=False)``; a window covering the whole map is plain global pooling.
+    Under ``torch.export`` (the ONNX export, deblur.onnx_runtime) that shortcut is skipped: the
+    integral-image path with a window clipped to the map computes the same mean for every input
+    size, where a traced branch would be fixed to the example input's size.
     """
 
     def __init__(self, window: int) -> None:
@@ -56,7 +59,7 @@ class LocalAvgPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        if self.window >= h and self.window >= w:
+        if not torch.compiler.is_exporting() and self.window >= h and self.window >= w:
             return x.mean(dim=(-2, -1), keepdim=True)
         kh, kw = min(h, self.window), min(w, self.window)
         xf = x.float()

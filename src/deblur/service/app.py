@@ -10,7 +10,10 @@ registry URI), unless ``settings`` is given.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import signal
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -21,7 +24,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
 from deblur.config import ServingConfig
-from deblur.service.admission import InferenceGate, SpeedEstimate, check_expected_time
+from deblur.artifact import ServingError, read_artifact_meta
+from deblur.service.admission import (
+    BYTES_PER_PIXEL,
+    InferenceGate,
+    MemoryBudget,
+    RequestCancelled,
+    RequestControl,
+    Shutdown,
+    check_expected_time,
+    shutting_down,
+)
 from deblur.service.decoding import (
     ACCEPTED_FORMATS,
     EXTENSIONS,
@@ -36,8 +49,12 @@ from deblur.service.decoding import (
     tiling_params,
 )
 from deblur.service.errors import ApiError, add_error_handlers
+from deblur.service.openapi import add_api_docs
 from deblur.service.runtime import ModelHolder, ModelSource, model_info, model_source_from_env, process_image, \
     resolve_settings
+from deblur.speed import SpeedModel, plan_tiles, prior_from_meta
+
+log = logging.getLogger("deblur.service")
 
 
 def create_app(model_dir: str | Path | None = None, settings: ServingConfig | None = None,
@@ -47,23 +64,42 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
     serving, tiling, settings_source = resolve_settings(source, settings)
     holder = ModelHolder(source, tiling, serving.threads)
     gate = InferenceGate(serving.inference_slots, serving.max_waiting)
-    speed = SpeedEstimate()
+    speed = SpeedModel(prior_from_meta(_artifact_meta(source), serving.runtime))
+    budget = MemoryBudget(int(serving.max_buffered_mb * 2**20))
+    shutdown = Shutdown(serving.shutdown_grace_seconds)
+    running: set[RequestControl] = set()
     api_key = os.environ.get("DEBLUR_API_KEY") or None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         if preload:
             threading.Thread(target=holder.preload, name="deblur-model-preload", daemon=True).start()
+        _drain_on_sigterm(shutdown)
         yield
+        shutdown.begin()
+        for control in list(running):   # the server's grace is over: stop what still runs
+            control.cancel("the worker shut down")
         gate.shutdown()
 
-    app = FastAPI(title="deblur", summary="Single-image deblurring", lifespan=lifespan,
-                  docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
-    app.state.holder, app.state.serving = holder, serving
-    add_error_handlers(app)
+    def _default_tiling() -> tuple[int, int]:
+        default = holder.model.tiling if holder.model else tiling
+        return default.tile_size, default.overlap
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    @app.get("/api/ui", response_class=HTMLResponse, include_in_schema=False)
+    def plan_for(tile_size: int, overlap: int):
+        model = holder.model
+        align = getattr(getattr(model, "model", None), "size_multiple", None) or speed.prior.size_multiple
+        batch_size = (model.tiling if model else tiling).batch_size
+        return lambda width, height: plan_tiles(width, height, tile_size, overlap, batch_size, int(align))
+
+    app = FastAPI(title="deblur", summary="Single-image deblurring", lifespan=lifespan,
+                  docs_url=None, openapi_url="/api/openapi.json", redoc_url=None)
+    app.state.holder, app.state.serving = holder, serving
+    app.state.speed, app.state.budget, app.state.shutdown = speed, budget, shutdown
+    add_error_handlers(app)
+    add_api_docs(app)
+
+    @app.get("/", response_class=HTMLResponse)
+    @app.get("/api/ui", response_class=HTMLResponse)
     def page() -> HTMLResponse:
         return HTMLResponse(resources.files("deblur").joinpath("static/index.html").read_text(encoding="utf-8"))
 
@@ -91,7 +127,13 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
                 "max_request_seconds": serving.max_request_seconds,
             },
             "in_flight": gate.admitted,
-            "seconds_per_megapixel": speed.seconds_per_mp,
+            "seconds_per_megapixel": speed.report(plan_for(*_default_tiling()))["seconds_per_megapixel"],
+            "admission": {
+                "speed": speed.report(plan_for(*_default_tiling())),
+                "memory": {"budget_mb": budget.limit / 2**20, "used_mb": round(budget.used / 2**20, 3),
+                           "bytes_per_pixel": BYTES_PER_PIXEL},
+                "draining": shutdown.draining,
+            },
             "accepted_formats": list(ACCEPTED_FORMATS),
             "output_formats": sorted(set(OUTPUT_FORMATS)),
             "auth": "api_key" if api_key else "anonymous",
@@ -99,25 +141,50 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
 
     @app.post("/api/deblur")
     async def deblur(request: Request) -> Response:
-        started = time.perf_counter()
+        started, arrived = time.perf_counter(), time.monotonic()
+        if shutdown.draining:
+            raise shutting_down()
         check_api_key(request, api_key)
         fmt = output_format(request)
         tile_size, overlap = tiling_params(request, serving, holder.model.tiling if holder.model else tiling)
         sampling = sampling_params(request, serving)
-        body = await read_body(request, serving)
-        data = await image_bytes(request, body)
-        width, height = probe(data, serving)
-        check_expected_time(speed, width * height, serving)
-        if not gate.admit():
-            raise ApiError(503, "busy", f"the server is busy ({gate.capacity} requests in progress or queued, "
-                           "serving.inference_slots + serving.max_waiting); retry in a few seconds",
-                           headers={"Retry-After": "5"})
-        try:
-            result = await gate.run(process_image, holder, serving, data, fmt, tile_size, overlap,
-                                    time.perf_counter(), sampling)
-        finally:
-            gate.leave()
-        speed.update(result.width * result.height, result.timings_ms["infer"] / 1000)
+        with budget.reservation() as reservation:
+            declared = request.headers.get("content-length", "").strip()
+            if declared.isdigit() and int(declared) <= serving.max_body_mb * 2**20:   # larger: read_body's 413
+                reservation.cover(int(declared))      # before a byte of the body is read
+            body = await read_body(request, serving, reservation)   # chunked bodies: held as they arrive
+            data = await image_bytes(request, body)
+            reservation.cover(len(body) + (len(data) if data is not body else 0))
+            width, height = probe(data, serving)
+            estimate = check_expected_time(speed, width, height, serving, plan_for(tile_size, overlap))
+            reservation.cover(reservation.held + width * height * BYTES_PER_PIXEL, "decoded pixels",
+                              never_fits=_never_fits(width, height, serving))
+            if shutdown.draining:
+                raise shutting_down()
+            if not gate.admit():
+                raise ApiError(503, "busy", f"the server is busy ({gate.capacity} requests in progress or queued, "
+                               "serving.inference_slots + serving.max_waiting); retry in a few seconds",
+                               headers={"Retry-After": "5"})
+            control = RequestControl(serving, arrived, estimate, speed, shutdown)
+            running.add(control)
+            watcher = asyncio.create_task(_cancel_on_disconnect(request, control))
+            try:
+                result = await gate.run(process_image, holder, serving, data, fmt, tile_size, overlap,
+                                        time.perf_counter(), sampling, control)
+            except RequestCancelled as err:
+                log.info("cancelled after %.1f s: %s", time.monotonic() - arrived, err)
+                return Response(status_code=499)   # nginx's 'client closed request'; nobody reads it
+            except ApiError as err:
+                if err.code in ("deadline_exceeded", "shutting_down"):
+                    log.warning("%s after %.1f s (estimated %.1f s)", err.code, time.monotonic() - arrived, estimate)
+                raise
+            finally:
+                control.cancel("the request ended")   # stops the inference thread if this task was cancelled
+                watcher.cancel()
+                running.discard(control)
+                gate.leave()
+        worked = sum(result.timings_ms.get(k, 0.0) for k in ("decode", "infer", "encode")) / 1000
+        speed.observe_request(result.width * result.height, max(worked - control.batch_seconds, 0.0))
         model = holder.get()
         result.timings_ms["total"] = (time.perf_counter() - started) * 1000
         return Response(content=result.body, media_type=MEDIA_TYPES[result.fmt], headers={
@@ -136,3 +203,43 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
         })
 
     return app
+
+
+def _artifact_meta(source: ModelSource) -> dict | None:
+    try:
+        return read_artifact_meta(source.model_dir) if source.model_dir is not None else None
+    except ServingError:
+        return None
+
+
+def _never_fits(width: int, height: int, serving: ServingConfig) -> ApiError:
+    largest = serving.max_buffered_mb * 2**20 / BYTES_PER_PIXEL
+    return ApiError(413, "image_too_large", f"the image is {width}x{height}: decoding and deblurring it needs about "
+                    f"{width * height * BYTES_PER_PIXEL / 2**20:.0f} MB, over the {serving.max_buffered_mb:g} MB "
+                    f"budget (serving.max_buffered_mb): downscale it to under {largest / 1e6:.1f} MP")
+
+
+async def _cancel_on_disconnect(request: Request, control: RequestControl) -> None:
+    """Set ``control``'s cancel flag when the client disconnects (the body has been read by now)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            control.cancel("the client disconnected")
+            return
+        await asyncio.sleep(0.05)
+
+
+def _drain_on_sigterm(shutdown: Shutdown) -> None:
+    """Chain ``shutdown.begin()`` in front of the server's SIGTERM handler (uvicorn's, in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return
+
+    def handler(signum, frame) -> None:
+        shutdown.begin()
+        log.info("SIGTERM: admitting no new requests; running ones get %g s", shutdown.grace)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, handler)

@@ -1,23 +1,29 @@
 """What a request asks for and the image it carries, checked before any model work.
 
 Query parameters and the Accept header give the output format, tiling and sampling; the
-body (raw image bytes, or the ``image`` file of a multipart form) is read with a size
-limit, and the image header is probed against the pixel and side limits.
+body (raw image bytes, or the ``image`` part of a multipart form) is read with a size limit
+and a time limit, and the image header is probed against the pixel and side limits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
-from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from PIL import Image, UnidentifiedImageError
-from starlette.datastructures import Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from python_multipart import MultipartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
+from starlette.requests import ClientDisconnect
 
 from deblur.config import ServingConfig, TilingConfig
 from deblur.service.errors import ApiError
+
+if TYPE_CHECKING:
+    from deblur.service.admission import Reservation
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")  # JPEG includes MPO (multi-picture JPEGs from cameras)
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
@@ -25,6 +31,21 @@ MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 UPLOAD_FIELD = "image"
 MAX_SEED = 2**63 - 1   # ?seed= bound, = deblur.diffusion.refiner.MAX_SEED (not imported: parsing needs no torch)
+# How each accepted format starts (Pillow's own checks): a body that starts like one but that
+# Pillow cannot open is a corrupt image (400), not an unsupported one (415).
+SIGNATURES = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "BMP": (b"BM",),
+    "TIFF": (b"II*\x00", b"MM\x00*", b"II\x00*", b"MM*\x00", b"II+\x00", b"MM\x00+"),
+}
+# Multipart limits: a form carries one image and perhaps a few small fields.
+MAX_FORM_PARTS = 16
+MAX_PART_HEADERS = 8            # header lines per part
+MAX_PART_HEADER_BYTES = 8192    # bytes per part header line
+MAX_BOUNDARY_LENGTH = 70        # RFC 2046
+BODY_IDLE_FRACTION = 0.25       # a body may pause at most this fraction of serving.body_timeout_seconds
 
 Image.init()  # register every Pillow plugin, so Image.open(formats=ACCEPTED_FORMATS) knows them all
 
@@ -105,8 +126,14 @@ def int_param(request: Request, name: str, bounds: tuple[int, int], default: int
     return value
 
 
-async def read_body(request: Request, serving: ServingConfig) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``max_body_mb``."""
+async def read_body(request: Request, serving: ServingConfig, reservation: Reservation | None = None) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``max_body_mb``.
+
+    The whole body must arrive within ``serving.body_timeout_seconds`` and no pause between two
+    chunks may last longer than ``BODY_IDLE_FRACTION`` of it, else 408 and the connection is
+    closed. With a ``reservation``, the bytes read so far are held in it as they arrive (503 when
+    the worker's ``serving.max_buffered_mb`` budget has no room).
+    """
     limit = int(serving.max_body_mb * 1024 * 1024)
     too_large = ApiError(413, "payload_too_large", f"the request body exceeds the {serving.max_body_mb:g} MB limit "
                          "(serving.max_body_mb); send a smaller file, e.g. a JPEG or a downscaled image")
@@ -116,41 +143,141 @@ async def read_body(request: Request, serving: ServingConfig) -> bytes:
             raise ApiError(400, "bad_request", f"invalid Content-Length header {declared!r}")
         if int(declared) > limit:
             raise too_large
+    loop = asyncio.get_running_loop()
+    whole, idle = serving.body_timeout_seconds, serving.body_timeout_seconds * BODY_IDLE_FRACTION
+    deadline = loop.time() + whole
+    chunks = request.stream().__aiter__()
     body = bytearray()
-    async for chunk in request.stream():
+    while True:
+        pause_ends = loop.time() + idle
+        try:
+            async with asyncio.timeout_at(min(deadline, pause_ends)):
+                chunk = await anext(chunks, None)
+        except TimeoutError:
+            raise body_too_slow(len(body), whole, idle, paused=pause_ends < deadline) from None
+        except ClientDisconnect:   # nobody will read the answer; it only keeps a traceback out of the log
+            raise ApiError(400, "bad_request", f"the client closed the connection after {len(body)} bytes of the "
+                           "body") from None
+        if chunk is None:
+            break
         body += chunk
         if len(body) > limit:
             raise too_large
+        if reservation is not None:
+            reservation.cover(len(body))
     if not body:
         raise ApiError(400, "empty_body", "the request body is empty: send the image bytes, or a multipart "
                        f"form with the file in the field '{UPLOAD_FIELD}'")
     return bytes(body)
 
 
+def body_too_slow(received: int, whole: float, idle: float, paused: bool) -> ApiError:
+    """408 ``request_timeout``, closing the connection (the rest of the body is never read)."""
+    if paused:
+        what = (f"no part of the body arrived for {idle:g} s ({BODY_IDLE_FRACTION:g} of "
+                f"serving.body_timeout_seconds = {whole:g} s)")
+    else:
+        what = f"the body did not arrive within serving.body_timeout_seconds = {whole:g} s"
+    return ApiError(408, "request_timeout", f"{what}; {received} bytes were received. Send the request again "
+                    "over a faster connection, or a smaller file", headers={"Connection": "close"})
+
+
 async def image_bytes(request: Request, body: bytes) -> bytes:
-    """The image in ``body``: the body itself, or the ``image`` file of a multipart form."""
+    """The image in ``body``: the body itself, or the ``image`` part of a multipart form."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         return body
+    return form_field(body, content_type, UPLOAD_FIELD)
 
-    async def replay() -> AsyncGenerator[bytes, None]:
-        yield body
 
-    parser = MultiPartParser(Headers({"content-type": content_type}), replay(), max_files=4, max_fields=16)
+def invalid_form(why: str) -> ApiError:
+    return ApiError(400, "invalid_multipart", f"the multipart form could not be parsed: {why}")
+
+
+def form_field(body: bytes, content_type: str, field: str) -> bytes:
+    """The data of the one part named ``field`` of the multipart/form-data ``body``."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary", b"")
+    if not 0 < len(boundary) <= MAX_BOUNDARY_LENGTH:
+        raise invalid_form("the Content-Type needs a boundary parameter of 1 to "
+                           f"{MAX_BOUNDARY_LENGTH} characters, e.g. 'multipart/form-data; boundary=XyZ'")
+    form = FormReader(field)
+    parser = MultipartParser(boundary, form.callbacks(), max_header_count=MAX_PART_HEADERS,
+                             max_header_size=MAX_PART_HEADER_BYTES)
     try:
-        form = await parser.parse()
-    except MultiPartException as err:
-        raise ApiError(400, "invalid_multipart", f"the multipart form could not be parsed: {err.message}") from err
-    try:
-        upload = form.get(UPLOAD_FIELD)
-        if not isinstance(upload, UploadFile):
-            raise ApiError(400, "missing_field", f"the multipart form has no file field '{UPLOAD_FIELD}'")
-        data = await upload.read()
-    finally:
-        await form.close()
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as err:
+        raise invalid_form(f"{err} (python-multipart)") from err
+    if not form.ended:
+        raise invalid_form("the body ends before the form's closing boundary: it is truncated")
+    if form.data is None:
+        raise ApiError(400, "missing_field", f"the multipart form has no part named '{field}': send the image "
+                       f"file in the field '{field}', e.g. curl -F {field}=@photo.jpg")
+    data = b"".join(form.data)
     if not data:
-        raise ApiError(400, "empty_body", f"the file in the field '{UPLOAD_FIELD}' is empty")
+        raise ApiError(400, "empty_body", f"the file in the field '{field}' is empty")
     return data
+
+
+class FormReader:
+    """Callbacks for python-multipart's streaming parser: keeps the data of the part named ``field``."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+        self.parts = 0
+        self.data: list[bytes] | None = None   # the field's pieces, once its part has begun
+        self.ended = False
+        self._keeping = False
+        self._headers: dict[bytes, bytes] = {}
+        self._name: list[bytes] = []
+        self._value: list[bytes] = []
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self.part_begin, "on_header_field": self.header_name,
+                "on_header_value": self.header_value, "on_header_end": self.header_end,
+                "on_headers_finished": self.headers_finished, "on_part_data": self.part_data,
+                "on_part_end": self.part_end, "on_end": self.end}
+
+    def part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_FORM_PARTS:
+            raise invalid_form(f"it has more than {MAX_FORM_PARTS} parts")
+        self._headers = {}
+
+    def header_name(self, data: bytes, start: int, end: int) -> None:
+        self._name.append(data[start:end])
+
+    def header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value.append(data[start:end])
+
+    def header_end(self) -> None:
+        self._headers[b"".join(self._name).strip().lower()] = b"".join(self._value).strip()
+        self._name, self._value = [], []
+
+    def headers_finished(self) -> None:
+        disposition = self._headers.get(b"content-disposition")
+        if disposition is None:
+            raise invalid_form(f"part {self.parts} has no Content-Disposition header")
+        kind, params = parse_options_header(disposition)
+        if kind != b"form-data" or b"name" not in params:
+            raise invalid_form(f"part {self.parts} is not 'Content-Disposition: form-data; name=...'")
+        self._keeping = params[b"name"].decode("utf-8", "replace") == self.field
+        if self._keeping:
+            if self.data is not None:
+                raise ApiError(400, "duplicate_field", f"the multipart form has more than one part named "
+                               f"'{self.field}': send one image per request")
+            self.data = []
+
+    def part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._keeping:
+            self.data.append(data[start:end])
+
+    def part_end(self) -> None:
+        self._keeping = False
+
+    def end(self) -> None:
+        self.ended = True
 
 
 def probe(data: bytes, serving: ServingConfig) -> tuple[int, int]:
@@ -159,6 +286,10 @@ def probe(data: bytes, serving: ServingConfig) -> tuple[int, int]:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as img:
             width, height = img.size
     except UnidentifiedImageError as err:
+        fmt = format_by_signature(data)
+        if fmt is not None:
+            raise ApiError(400, "invalid_image", f"the body starts like a {fmt} file but its header cannot be read: "
+                           "it is corrupt or truncated; send the complete file") from err
         raise ApiError(415, "unsupported_media_type", "the body is not an image in a supported format "
                        f"({', '.join(ACCEPTED_FORMATS)})") from err
     except Image.DecompressionBombError as err:
@@ -178,3 +309,13 @@ def probe(data: bytes, serving: ServingConfig) -> tuple[int, int]:
         raise ApiError(400, "image_too_small", f"the image is {width}x{height}; both sides must be at least "
                        f"{serving.min_side} pixels (serving.min_side)")
     return width, height
+
+
+def format_by_signature(data: bytes) -> str | None:
+    """The accepted format whose signature ``data`` starts with, if any."""
+    for fmt, prefixes in SIGNATURES.items():
+        if data.startswith(prefixes):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None

@@ -14,10 +14,17 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and record.args:
-            record.args = tuple(SECRET_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(redact(a) for a in record.args)
+        elif isinstance(record.args, dict):   # logging's "%(name)s" form
+            record.args = {k: redact(v) for k, v in record.args.items()}
         if isinstance(record.msg, str):
-            record.msg = SECRET_QUERY.sub(r"\1***", record.msg)
+            record.msg = redact(record.msg)
         return True
+
+
+def redact(value: object) -> object:
+    """``value`` with the keys in its query strings masked (non-strings unchanged)."""
+    return SECRET_QUERY.sub(r"\1***", value) if isinstance(value, str) else value
 
 
 def uvicorn_log_config() -> dict:

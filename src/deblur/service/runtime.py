@@ -63,8 +63,9 @@ def resolve_settings(source: ModelSource, settings: ServingConfig | None) -> tup
 class ModelHolder:
     """Loads the model once, thread-safely; a failed load is reported and retried on the next request."""
 
-    def __init__(self, source: ModelSource, tiling: TilingConfig, threads: int) -> None:
+    def __init__(self, source: ModelSource, tiling: TilingConfig, threads: int, runtime: str | None = None) -> None:
         self.source, self.tiling, self.threads = source, tiling, threads
+        self.runtime = runtime   # torch | onnx; None: the serving artifact's serving.runtime
         self._lock = threading.Lock()
         self._model = None
         self.error: str | None = None
@@ -96,11 +97,28 @@ class ModelHolder:
             pass
 
     def _load(self):
-        from deblur.serving import load_from_model_uri, load_serving_model
+        """The artifact's runtime: ONNX Runtime (no torch import) or torch; onnx falls back to torch
+        when the artifact has no model.onnx or onnxruntime is missing, and says so in the log."""
+        onnx_error = None
+        if self.source.model_uri is None and (self.runtime or self._artifact_runtime()) == "onnx":
+            from deblur.onnx_runtime import load_onnx_serving_model
 
+            try:
+                return load_onnx_serving_model(self.source.model_dir, self.threads)
+            except ServingError as err:
+                onnx_error = err
+                log.warning("serving.runtime onnx: %s; falling back to the torch runtime (model.pt)", err)
+        try:
+            from deblur.serving import load_from_model_uri, load_serving_model
+        except ImportError as err:
+            raise ServingError(f"{onnx_error or 'serving.runtime is torch'}, and torch cannot be imported ({err}); "
+                               "install torch or serve an artifact with a model.onnx (serving.runtime onnx)") from err
         if self.source.model_uri:
             return load_from_model_uri(self.source.model_uri, self.tiling, self.threads)
         return load_serving_model(self.source.model_dir, self.threads)
+
+    def _artifact_runtime(self) -> str:
+        return read_artifact_meta(self.source.model_dir)["serving"]["runtime"]
 
 
 def model_info(model) -> dict | None:
@@ -108,6 +126,7 @@ def model_info(model) -> dict | None:
         return None
     keys = ("architecture", "run_id", "metrics", "weights_dtype", "exported_at")
     return {"name": model.name, "version": model.version, "alias": model.alias,
+            "runtime": getattr(model, "runtime", "torch"),
             "load_seconds": round(model.load_seconds, 3), **{k: model.meta.get(k) for k in keys}}
 
 
@@ -123,12 +142,16 @@ class DeblurResult:
 
 
 def process_image(holder: ModelHolder, serving: ServingConfig, data: bytes, fmt: str, tile_size: int,
-                  overlap: int, queued_at: float, sampling: dict[str, int] | None = None) -> DeblurResult:
-    """Decode, deblur and encode one image (on an inference thread)."""
+                  overlap: int, queued_at: float, sampling: dict[str, int] | None = None,
+                  control=None) -> DeblurResult:
+    """Decode, deblur and encode one image (on an inference thread). ``control``
+    (deblur.service.admission.RequestControl) may stop it before decoding and after any tile batch."""
     timings = {"queue": _lap(queued_at)}
     mark = time.perf_counter()
     model = holder.get()
     timings["load"] = _lap(mark)
+    if control is not None:
+        control.start()
     if sampling and not model.samples:
         raise ApiError(400, "invalid_parameter", f"{' and '.join(f'{k}=' for k in sampling)} apply to diffusion "
                        f"refiner models only; this model is a {model.architecture}")
@@ -142,7 +165,8 @@ def process_image(holder: ModelHolder, serving: ServingConfig, data: bytes, fmt:
         raise ApiError(400, "invalid_image", f"{err}; send a complete JPEG, PNG, WebP, TIFF, BMP or GIF file") from err
     timings["decode"] = _lap(mark)
     mark = time.perf_counter()
-    restored = model.deblur(decoded.rgb, tile_size, overlap, sampling)
+    restored = model.deblur(decoded.rgb, tile_size, overlap, sampling,
+                            on_batch=control.on_batch if control is not None else None)
     timings["infer"] = _lap(mark)
     mark = time.perf_counter()
     body = encode_image(restored, fmt, alpha=decoded.alpha, quality=serving.output_quality)

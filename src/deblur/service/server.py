@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
 
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from deblur.config import ServingConfig
 from deblur.service.logs import RedactSecrets, uvicorn_log_config
+
+log = logging.getLogger("deblur.service")
 
 # glibc hands large freed blocks back to the OS, so every tile batch faults its activation
 # buffers in anew: 20-40 % of the CPU time of a request on this machine. These keep blocks
@@ -21,6 +28,79 @@ def restart_with_malloc_settings(argv: list[str]) -> None:
         return
     env = {**MALLOC_ENV, **os.environ}
     os.execve(sys.executable, [sys.executable, "-m", "deblur.service", *argv], env)
+
+
+BODY_GRACE_SECONDS = 1.0  # the app answers a late body with 408 first; this cuts bodies no route reads
+
+
+class SlowClientTimeouts(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with deadlines for a request being received (uvicorn has none).
+
+    Headers: the request line and headers must be complete ``header_timeout`` seconds after the
+    connection opens, or after the first byte of the next request on a kept-alive connection
+    (uvicorn's ``timeout_keep_alive`` bounds the idle time in between). Body: a body still
+    arriving ``body_timeout`` + ``BODY_GRACE_SECONDS`` after its headers is cut; a route that reads
+    the body (``deblur.service.decoding.read_body``) answers 408 at ``body_timeout`` before that.
+    A connection past its deadline is closed without an answer.
+    """
+
+    header_timeout = 10.0
+    body_timeout = 120.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._deadline: asyncio.TimerHandle | None = None
+        self._waiting_for: str | None = None
+        super().connection_made(transport)
+        self._expect("headers")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._expect(None)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiting_for is None and self.conn.their_state is h11.IDLE:
+            self._expect("headers")          # the first byte of the next request
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            waiting_for = "body"
+        elif state is h11.IDLE and (self._waiting_for == "headers" or self.conn.trailing_data[0]):
+            waiting_for = "headers"
+        else:
+            waiting_for = None
+        if waiting_for != self._waiting_for:
+            self._expect(waiting_for)
+
+    def _expect(self, what: str | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._waiting_for = what
+        if what == "headers":
+            self._deadline = self.loop.call_later(self.header_timeout, self._too_slow, what, self.header_timeout)
+        elif what == "body":
+            seconds = self.body_timeout + BODY_GRACE_SECONDS
+            self._deadline = self.loop.call_later(seconds, self._too_slow, what, seconds)
+
+    def _too_slow(self, what: str, seconds: float) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        client = "%s:%d" % self.client if self.client else "a client"
+        setting = ("serving.header_timeout_seconds" if what == "headers"
+                   else f"serving.body_timeout_seconds + {BODY_GRACE_SECONDS:g} s")
+        log.info("closed the connection from %s: request %s not complete within %g s (%s)", client, what, seconds,
+                 setting)
+        self.transport.close()
+
+
+def timed_protocol(serving: ServingConfig) -> type[SlowClientTimeouts]:
+    """``SlowClientTimeouts`` with the header and body timeouts of ``serving``, for ``uvicorn.run(http=...)``."""
+    return type("DeblurHttpProtocol", (SlowClientTimeouts,), {
+        "header_timeout": serving.header_timeout_seconds, "body_timeout": serving.body_timeout_seconds})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,4 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         handler.addFilter(RedactSecrets())
     app = create_app(args.model_dir, preload=not args.no_preload)
     print(f"deblur: serving http://{args.host}:{args.port}/ (model: {app.state.holder.source.describe()})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="info", log_config=uvicorn_log_config())
+    # SIGTERM: running requests stop themselves after the grace (deblur.service.admission.Shutdown);
+    # a few seconds later uvicorn cancels whatever is still open and exits
+    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="info", log_config=uvicorn_log_config(),
+                http=timed_protocol(app.state.serving),
+                timeout_graceful_shutdown=int(app.state.serving.shutdown_grace_seconds) + 3)
