@@ -545,7 +545,7 @@ class Bench:
         worker = threading.Thread(target=normal_request, daemon=True)
         worker.start()
         trace = []  # (seconds since the six gave up, in_flight incl. the normal request)
-        while time.monotonic() - gave_up < self.args.settle_s:
+        while time.monotonic() - gave_up < self.args.request_timeout + self.args.settle_s:
             in_flight = self.server.health().get("in_flight")
             trace.append((round(time.monotonic() - gave_up, 2), in_flight))
             if in_flight == 0 and not worker.is_alive():

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from deblur.service.decoding import ACCEPTED_FORMATS, MAX_SEED, MEDIA_TYPES, OUTPUT_FORMATS
-from deblur.service.errors import DEBLUR_ROUTE, ERROR_CODES, FRAMEWORK_CODES, NO_ROUTE, codes_for
+from deblur.service.errors import DEBLUR_ROUTE, ERROR_CODES, EVERY_ROUTE, FRAMEWORK_CODES, NO_ROUTE, codes_for
 from deblur.service.openapi import DOCS_ASSETS, OPERATIONS
 from serving_support import PARAMS, ROOT, encode, make_artifact, running_server, smooth_rgb
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from build_function_package import build_package  # noqa: E402
 
 LIMITS = {"max_body_mb": 1, "max_pixels": 300_000, "min_side": 8, "max_side": 1000,
-          "tile_size_range": (32, 256), "overlap_range": (0, 24), "refiner_steps_range": (1, 4)}
+          "tile_size_range": (32, 320), "overlap_range": (0, 24), "refiner_steps_range": (1, 4)}
 SERVICE_DIR = ROOT / "src" / "deblur" / "service"
 CDN_HOSTS = ("cdn.jsdelivr.net", "unpkg.com", "cdnjs.cloudflare.com", "fonts.googleapis.com", "fonts.gstatic.com")
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
@@ -129,7 +129,7 @@ def test_every_error_code_raised_is_in_the_catalogue_the_spec_and_the_docs(spec)
         assert entry is not None and entry.status == status, \
             f"({status}, {code!r}) is raised but not in deblur.service.errors.ERROR_CODES"
         for route in entry.routes:
-            routes = list(OPERATIONS) if route == "*" else [route]
+            routes = list(OPERATIONS) if route == EVERY_ROUTE else [route]
             for one in routes:
                 assert code in documented_codes(spec, one, status), f"{code} missing from {one} {status} in the spec"
     never_raised = set(ERROR_CODES) - {code for _, code in raised}
@@ -180,7 +180,7 @@ def test_deblur_operation_states_bodies_bounds_outputs_and_errors(spec):
     assert params["format"]["schema"]["enum"] == sorted(OUTPUT_FORMATS) == ["jpeg", "jpg", "png", "webp"]
     bounds = {name: [params[name]["schema"]["minimum"], params[name]["schema"]["maximum"]]
               for name in ("tile_size", "overlap", "steps", "seed")}
-    assert bounds == {"tile_size": [32, 256], "overlap": [0, 24], "steps": [1, 4], "seed": [0, MAX_SEED]}
+    assert bounds == {"tile_size": [32, 320], "overlap": [0, 24], "steps": [1, 4], "seed": [0, MAX_SEED]}
     assert params["tile_size"]["schema"]["default"] == PARAMS.tiling.tile_size
     assert {"functionKey", "code"} == {k for req in operation["security"] for k in req}
     assert spec["components"]["securitySchemes"]["code"] == {**spec["components"]["securitySchemes"]["code"],
@@ -313,12 +313,12 @@ def test_a_real_upload_matches_the_documented_200(client, spec):
 def test_docs_render_in_a_browser_with_no_other_host(server):
     """Swagger UI draws every operation of the spec in headless Chromium; any request off this server is refused."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
-    from test_webpage import CHROMIUM_ARGS
-
     origin = urlparse(server.url).netloc
     requested, refused = [], []
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
         try:
             page = browser.new_page()
 
@@ -340,7 +340,16 @@ def test_docs_render_in_a_browser_with_no_other_host(server):
             page.click("#operations-default-deblur .opblock-summary")
             page.wait_for_selector("#operations-default-deblur .parameters")
             text = page.inner_text("#operations-default-deblur")
-            assert "tile_size" in text and "maximum: 256" in text and "unsupported_media_type" in text
+            assert "tile_size" in text and "maximum: 320" in text and "unsupported_media_type" in text
+            # "Try it out" (on by default): upload a JPEG, execute, the live answer is a 200
+            page.set_input_files("#operations-default-deblur input[type=file]", files=[{
+                "name": "photo.jpg", "mimeType": "image/jpeg",
+                "buffer": encode(Image.fromarray(smooth_rgb(40, 56)), "JPEG")}])
+            page.click("#operations-default-deblur .execute")
+            answer = "#operations-default-deblur .live-responses-table tbody .response-col_status"
+            page.wait_for_selector(answer, timeout=60_000)
+            status = page.inner_text(answer)
+            assert status.strip().startswith("200"), status
         finally:
             browser.close()
     assert not refused, refused

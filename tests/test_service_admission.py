@@ -180,18 +180,22 @@ def test_the_first_request_of_a_fresh_worker_is_bounded_by_the_prior_measured_at
 def test_a_request_the_estimate_got_wrong_stops_at_the_deadline_and_teaches_it(tmp_path):
     model_dir = make_artifact(tmp_path, serving={"max_request_seconds": 2}, **SLOW)
     meta = json.loads((model_dir / "model.json").read_text())
-    too_fast = SpeedPrior(batch=Line(0.0, 1e-10), request=Line(0.0, 1e-10), size_multiple=1, source="10000x too fast")
+    measured = prior_from_meta(meta, "torch")
+    too_fast = SpeedPrior(batch=Line(measured.batch.fixed / 10, measured.batch.per_pixel / 10),
+                          request=Line(measured.request.fixed / 10, measured.request.per_pixel / 10),
+                          size_multiple=1, source="10x too fast")
     meta[PRIOR_KEY] = {"torch": too_fast.to_json()}
     (model_dir / "model.json").write_text(json.dumps(meta))
     body = png(1920, 1080)   # 64-pixel tiles: over 5 s of work
-    before = SpeedModel(prior_from_meta(meta, "torch")).seconds_for(plan_tiles(1280, 720, 288, 32, 1, 1)) / 0.9216
     with running_server(model_dir) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         started = time.monotonic()
         stopped = client.post("/api/deblur?tile_size=64&overlap=0", content=body)   # before: 200 after > 5 s
         assert_error(stopped, 503, "deadline_exceeded", "serving.max_request_seconds")
         assert 2 <= time.monotonic() - started < 4.5
         learned = health(server)["admission"]["speed"]
-        assert learned["batch_seconds"]["observations"] > 0 and learned["seconds_per_megapixel"] > 100 * before
+        batch = learned["batch_seconds"]   # a 64x64 tile batch, as the prior said and as learned
+        assert batch["observations"] > 0
+        assert batch["fixed"] + batch["per_megapixel"] * 4096e-6 > 3 * too_fast.batch.at(4096)
         assert_error(client.post("/api/deblur?tile_size=64&overlap=0", content=body), 413, "image_too_slow")
         assert client.post("/api/deblur", content=png(64, 48)).status_code == 200
         assert "deadline_exceeded after" in server.log()
@@ -237,7 +241,7 @@ def test_sigterm_stops_a_busy_worker_within_the_grace(tmp_path):
             details = sorted(answer.result().json()["detail"] for answer in answers)
             assert all(answer.result().json()["error"] == "shutting_down" for answer in answers)
         assert "serving.shutdown_grace_seconds" in details[1] and "admits no new requests" in details[0], details
-        assert took < 1 + 3, took
+        assert took < 1 + 4, took   # grace + 4 s; before: it computed both images first (over 15 s here)
         assert "SIGTERM: admitting no new requests" in server.log()
 
 
@@ -277,7 +281,6 @@ def test_a_burst_of_large_uploads_stays_within_the_memory_budget(tmp_path):
         watcher.join()
         grew_mb = (max(peak) - baseline) / 2**20
         assert sorted(set(statuses)) == ["415", "503"] and len(statuses) == 20, statuses
-        print(f"RSSGREW {grew_mb:.0f} MB {statuses.count('503')} x 503")
         assert grew_mb < 350, grew_mb   # before: all 20 bodies read, about 900 MB more
         assert health(server)["admission"]["memory"]["used_mb"] == 0
         # decoded pixels count too: 3000x3000 needs about 137 MB of working memory, over the 100 MB budget

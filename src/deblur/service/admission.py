@@ -73,7 +73,7 @@ class Shutdown:
 
 
 class RequestCancelled(Exception):
-    """The client of a request went away; its work stops (answered 499 in the log, never seen by the client)."""
+    """The client of a request went away: its work stops (the route answers 499, which nobody reads)."""
 
 
 class RequestControl:

@@ -87,7 +87,8 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
 
     def plan_for(tile_size: int, overlap: int):
         model = holder.model
-        align = getattr(getattr(model, "model", None), "size_multiple", None) or speed.prior.size_multiple
+        align = (getattr(model, "size_multiple", None)   # the ONNX runtime's model; torch's is model.model's
+                 or getattr(getattr(model, "model", None), "size_multiple", None) or speed.prior.size_multiple)
         batch_size = (model.tiling if model else tiling).batch_size
         return lambda width, height: plan_tiles(width, height, tile_size, overlap, batch_size, int(align))
 
@@ -106,6 +107,7 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
     @app.get("/api/health")
     def health() -> dict:
         model = holder.model
+        speed_report = speed.report(plan_for(*_default_tiling()))
         return {
             "status": "ok",
             "ready": model is not None,
@@ -127,9 +129,9 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
                 "max_request_seconds": serving.max_request_seconds,
             },
             "in_flight": gate.admitted,
-            "seconds_per_megapixel": speed.report(plan_for(*_default_tiling()))["seconds_per_megapixel"],
+            "seconds_per_megapixel": speed_report["seconds_per_megapixel"],
             "admission": {
-                "speed": speed.report(plan_for(*_default_tiling())),
+                "speed": speed_report,
                 "memory": {"budget_mb": budget.limit / 2**20, "used_mb": round(budget.used / 2**20, 3),
                            "bytes_per_pixel": BYTES_PER_PIXEL},
                 "draining": shutdown.draining,

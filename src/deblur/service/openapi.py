@@ -104,7 +104,8 @@ def openapi_spec(app: FastAPI) -> dict:
             "code": {"type": "apiKey", "in": "query", "name": "code",
                      "description": "the same key as `?code=` (never written to the logs)"},
         },
-        "responses": {STATUS_TEXT[status].title().replace(" ", ""): error_response_object(NO_ROUTE, status)
+        "responses": {STATUS_TEXT.get(status, f"Status {status}").title().replace(" ", ""):
+                      error_response_object(NO_ROUTE, status)
                       for status in sorted({ERROR_CODES[c].status for c in codes_for(NO_ROUTE)})},
     }
     return spec
@@ -126,7 +127,7 @@ def error_response_object(route: str, status: int) -> dict:
             "allOf": [{"$ref": "#/components/schemas/Error"}, {"properties": {"error": {"enum": codes}}}]}}},
     }
     if headers:
-        response["headers"] = {name: HEADER_DOCS[name] for name in headers}
+        response["headers"] = {name: HEADER_DOCS.get(name, {"schema": {"type": "string"}}) for name in headers}
     return response
 
 
@@ -197,8 +198,9 @@ def _query(name: str, schema: dict, description: str) -> dict:
 
 
 def _bounded(bounds: tuple[int, int], default: int | None = None) -> dict:
+    """An integer within ``bounds``; ``default`` (what the server uses without the parameter) only if inside them."""
     schema = {"type": "integer", "minimum": bounds[0], "maximum": bounds[1]}
-    return schema if default is None else {**schema, "default": default}
+    return schema if default is None or not bounds[0] <= default <= bounds[1] else {**schema, "default": default}
 
 
 def deblur_operation(serving: ServingConfig, tiling: TilingConfig | None) -> dict:
