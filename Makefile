@@ -37,8 +37,11 @@ test-fast: install
 serve: install
 	$(PY) -m deblur.service --host 127.0.0.1 --port $(PORT) --model-dir function_app/model
 
+# FUNCTION_RUNTIME=onnx: model.onnx on ONNX Runtime, no torch in the package (exported here if the
+# artifact has none); torch: model.pt and torch. Why onnx: bench/results/runtimes.md, documentation/serving.md.
+FUNCTION_RUNTIME ?= onnx
 function-package: install
-	$(PY) scripts/build_function_package.py --out build/function_app --model-dir function_app/model
+	$(PY) scripts/build_function_package.py --out build/function_app --model-dir function_app/model --runtime $(FUNCTION_RUNTIME)
 
 bench: install
 	$(PY) bench/bench_train.py

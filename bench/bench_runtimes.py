@@ -12,10 +12,11 @@ both ``model.pt`` and ``model.onnx`` and measures:
 - installed size of each runtime's requirement set (function_app/requirements*.txt, with
   their dependencies, from importlib.metadata), and of the Function package's model files.
 
-Rounds alternate the order (torch, onnx, then onnx, torch, ...); the table gives the median
-over rounds. CPU load from other processes slows both; compare within one run only.
+Cold starts alternate the order of fresh processes (torch, onnx, then onnx, torch, ...);
+latencies come from both servers up at once, requests alternating between them, so load
+from other processes slows both alike. Compare within one run only.
 
-    python bench/bench_runtimes.py [--checkpoint checkpoints/pretrained/nafnet16.pt] [--rounds 2]
+    python bench/bench_runtimes.py [--checkpoint checkpoints/pretrained/nafnet16.pt] [--rounds 3]
     python bench/bench_runtimes.py --artifact DIR   # an exported artifact with model.onnx: no export
 
 Writes bench/results/runtimes.json and bench/results/runtimes.md.
@@ -78,9 +79,7 @@ def export_artifact(checkpoint: Path, out: Path) -> dict:
     export_serving_artifact(checkpoint, out, {"name": "bench", "version": "1", "alias": "champion"},
                             tiling=params.tiling, serving=params.serving, onnx=True)
     meta = json.loads((out / "model.json").read_text())
-    return {"export_total_seconds": round(time.perf_counter() - started, 1), "onnx": meta["onnx"],
-            "model_pt_mb": round((out / "model.pt").stat().st_size / 1e6, 2),
-            "model_onnx_mb": round((out / "model.onnx").stat().st_size / 1e6, 2)}
+    return {"export_total_seconds": round(time.perf_counter() - started, 1), "onnx": meta["onnx"]}
 
 
 def quality_720p(artifact: Path, threads: int) -> dict:
@@ -97,9 +96,9 @@ def quality_720p(artifact: Path, threads: int) -> dict:
         results[runtime] = model.deblur(rgb)
         seconds[runtime] = round(time.perf_counter() - started, 2)
     diff = np.abs(results["torch"].astype(int) - results["onnx"].astype(int))
-    return {"psnr_onnx_vs_torch_db": round(psnr(results["onnx"], results["torch"]), 2),
+    return {"psnr_onnx_vs_torch_db": round(float(psnr(results["onnx"], results["torch"])), 2),
             "max_abs_diff": int(diff.max()), "pixels_differing": int((diff > 0).sum()),
-            "psnr_torch_vs_input_db": round(psnr(results["torch"], rgb), 2),
+            "psnr_torch_vs_input_db": round(float(psnr(results["torch"], rgb)), 2),
             "in_process_720p_seconds": seconds}
 
 
@@ -114,60 +113,92 @@ def peak_rss_mb(pid: int) -> float:
     return int(match.group(1)) / 1024 if match else float("nan")
 
 
-def serve_and_measure(artifact: Path, runtime: str, bodies: dict[str, bytes], blocker: Path,
-                      big: bool = True) -> dict:
-    """Start a server on ``artifact`` (its model.json says ``runtime``), time the first response and each body."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DEBLUR_")}
-    if runtime == "onnx":
-        env["PYTHONPATH"] = os.pathsep.join([str(blocker), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{runtime}-", suffix=".log", delete=False)
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "deblur.service", "--host", "127.0.0.1", "--port", str(port),
-                                "--model-dir", str(artifact)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    out: dict = {"runtime": runtime}
-    try:
-        first = bodies["first"]
+class Server:
+    """``python -m deblur.service`` on ``artifact`` (whose model.json says which runtime); the ONNX one
+    runs with ``import torch`` made impossible."""
+
+    def __init__(self, artifact: Path, runtime: str, blocker: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEBLUR_")}
+        if runtime == "onnx":
+            env["PYTHONPATH"] = os.pathsep.join([str(blocker), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        self.runtime, self.port = runtime, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{runtime}-", suffix=".log", delete=False)
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "deblur.service", "--host", "127.0.0.1", "--port", str(self.port),
+             "--model-dir", str(artifact)], cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def first_response_seconds(self, body: bytes) -> float:
+        """Seconds from process start to the first deblurred response (the model loads in between)."""
         while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"{runtime} server exited: {Path(log.name).read_text()[-3000:]}")
-            if time.perf_counter() - started > 300:
-                raise TimeoutError(f"{runtime} server gave no response in 300 s")
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.runtime} server exited: {Path(self.log.name).read_text()[-3000:]}")
+            if time.perf_counter() - self.started > 300:
+                raise TimeoutError(f"{self.runtime} server gave no response in 300 s")
             try:
-                reply = httpx.post(f"{url}/api/deblur", content=first, headers={"Content-Type": "image/jpeg"},
-                                   timeout=300)
-                if reply.status_code == 200:
-                    break
+                if self.post(body).status_code == 200:
+                    return time.perf_counter() - self.started
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-        out["cold_start_seconds"] = round(time.perf_counter() - started, 2)
-        health = httpx.get(f"{url}/api/health", timeout=10).json()
-        out["served_by"] = health["model"].get("runtime")
-        out["load_seconds"] = health["model"]["load_seconds"]
-        for label, body in bodies.items():
-            if label == "first" or (label == "4096" and not big):
-                continue
-            times = []
-            for _ in range(3 if label == "720p" else 1):
-                mark = time.perf_counter()
-                reply = httpx.post(f"{url}/api/deblur", content=body, headers={"Content-Type": "image/jpeg"},
-                                   timeout=600)
-                if reply.status_code != 200:
-                    raise RuntimeError(f"{runtime} {label}: HTTP {reply.status_code} {reply.text[:300]}")
-                times.append(time.perf_counter() - mark)
-            out[f"latency_{label}_seconds"] = round(min(times), 2)
-        out["peak_rss_mb"] = round(peak_rss_mb(process.pid), 1)
-        out["torch_imported"] = "torch" in Path(f"/proc/{process.pid}/maps").read_text()
-    finally:
-        process.terminate()
+
+    def post(self, body: bytes) -> httpx.Response:
+        return httpx.post(f"{self.url}/api/deblur", content=body, headers={"Content-Type": "image/jpeg"}, timeout=600)
+
+    def timed(self, label: str, body: bytes) -> float:
+        mark = time.perf_counter()
+        reply = self.post(body)
+        if reply.status_code != 200:
+            raise RuntimeError(f"{self.runtime} {label}: HTTP {reply.status_code} {reply.text[:300]}")
+        return time.perf_counter() - mark
+
+    def facts(self) -> dict:
+        health = httpx.get(f"{self.url}/api/health", timeout=10).json()
+        return {"served_by": health["model"].get("runtime"), "load_seconds": health["model"]["load_seconds"],
+                "peak_rss_mb": round(peak_rss_mb(self.process.pid), 1),
+                "torch_mapped": "libtorch" in Path(f"/proc/{self.process.pid}/maps").read_text()}
+
+    def stop(self) -> None:
+        self.process.terminate()
         try:
-            process.wait(timeout=30)
+            self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return out
+            self.process.kill()
+            self.process.wait()
+
+
+def cold_starts(artifacts: dict[str, Path], blocker: Path, body: bytes, rounds: int) -> list[dict]:
+    """One fresh server per round and runtime, alternating the order: time to the first response."""
+    runs = []
+    for r in range(rounds):
+        for runtime in (RUNTIMES if r % 2 == 0 else RUNTIMES[::-1]):
+            server = Server(artifacts[runtime], runtime, blocker)
+            try:
+                seconds = server.first_response_seconds(body)
+                runs.append({"round": r, "runtime": runtime, "cold_start_seconds": round(seconds, 2), **server.facts()})
+            finally:
+                server.stop()
+            print(runs[-1], flush=True)
+    return runs
+
+
+def latencies(artifacts: dict[str, Path], blocker: Path, bodies: dict[str, bytes], repeats: dict[str, int]) -> dict:
+    """Both servers up at once, requests alternating between them, so load from other processes hits both alike."""
+    servers = {runtime: Server(artifacts[runtime], runtime, blocker) for runtime in RUNTIMES}
+    try:
+        for server in servers.values():
+            server.first_response_seconds(bodies["first"])
+        times: dict[str, dict[str, list[float]]] = {rt: {label: [] for label in repeats} for rt in RUNTIMES}
+        for label, count in repeats.items():
+            for i in range(count):
+                for runtime in (RUNTIMES if i % 2 == 0 else RUNTIMES[::-1]):
+                    times[runtime][label].append(round(servers[runtime].timed(label, bodies[label]), 2))
+                    print(runtime, label, times[runtime][label][-1], flush=True)
+        return {rt: {"seconds": times[rt], **servers[rt].facts()} for rt in RUNTIMES}
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 def requirement_names(path: Path) -> list[str]:
@@ -201,32 +232,40 @@ def installed_mb(names: list[str]) -> tuple[float, list[str]]:
 
 
 def write_markdown(report: dict, path: Path) -> None:
-    med = report["median"]
-    rows = [("cold start to first response (s)", "cold_start_seconds"), ("model load (s)", "load_seconds"),
-            ("1280x720 JPEG latency (s, best of 3)", "latency_720p_seconds"),
-            ("4096x4096 JPEG latency (s, first round)", "latency_4096_seconds"), ("peak RSS (MB)", "peak_rss_mb")]
+    summary, export, quality = report["summary"], report["export"], report["quality"]
+    big = report["big_side"]
+    rows = [("cold start to first response (s, median of fresh processes)", "cold_start_seconds"),
+            ("model load (s)", "load_seconds"), ("peak RSS at the first response (MB)", "idle_rss_mb"),
+            ("1280x720 JPEG latency (s, median)", "latency_720p_seconds"),
+            (f"{big}x{big} JPEG latency (s, median)", "latency_big_seconds"),
+            (f"peak RSS after the {big}x{big} requests (MB)", "peak_rss_mb"),
+            ("torch mapped into the process", "torch_mapped")]
+    export_total = f" (whole artifact export {export['export_total_seconds']} s)" if export["export_total_seconds"] else ""
     lines = [
         "# Serving runtimes: torch vs ONNX Runtime",
         "",
         f"`python bench/bench_runtimes.py` on {report['machine']}, {report['date']}; checkpoint "
-        f"`{report['checkpoint']}`, {report['rounds']} round(s), median shown (every round in runtimes.json).",
+        f"`{report['checkpoint']}`, `serving.threads` {report['threads']}. Cold starts: {report['rounds']} fresh "
+        "processes per runtime, alternating; latencies: both servers up at once, requests alternating between "
+        "them (other jobs on the machine slow both alike). Every single time is in runtimes.json.",
         "",
         "| | torch | onnx |",
         "|---|---|---|",
-        *(f"| {label} | {med['torch'][key]} | {med['onnx'][key]} |" for label, key in rows),
+        *(f"| {label} | {summary['torch'][key]} | {summary['onnx'][key]} |" for label, key in rows),
+        "| every 1280x720 request, in order (s) | " + " | ".join(
+            ", ".join(map(str, report["latency"][rt]["seconds"]["720p"])) for rt in RUNTIMES) + " |",
+        "| every cold start, in order (s) | " + " | ".join(
+            ", ".join(str(r["cold_start_seconds"]) for r in report["cold_starts"] if r["runtime"] == rt)
+            for rt in RUNTIMES) + " |",
         f"| installed packages (MB, requirement set with dependencies) | {report['packages']['torch']['mb']} | "
         f"{report['packages']['onnx']['mb']} |",
-        f"| model file (MB) | {report['export']['model_pt_mb']} (model.pt) | {report['export']['model_onnx_mb']} "
-        "(model.onnx) |",
+        f"| model file (MB) | {export['model_pt_mb']} (model.pt) | {export['model_onnx_mb']} (model.onnx) |",
         "",
-        f"ONNX export: {report['export']['onnx']['export_seconds']} s (whole artifact export with both speed "
-        f"priors {report['export']['export_total_seconds']} s); check tiles {report['export']['onnx']['check_psnr_db']} dB.",
+        f"ONNX export: {export['onnx']['export_seconds']} s{export_total}; ONNX Runtime vs torch on the export "
+        f"check tiles: {export['onnx']['check_psnr_db']} dB.",
         f"ONNX Runtime vs torch on a 1280x720 photo through the service's tiling: "
-        f"{report['quality']['psnr_onnx_vs_torch_db']} dB PSNR, max |diff| {report['quality']['max_abs_diff']} "
-        f"(uint8), {report['quality']['pixels_differing']} values differ; in process "
-        f"{report['quality']['in_process_720p_seconds']} s.",
-        f"The ONNX server ran with `import torch` blocked: torch mapped into it: "
-        f"{any(r['torch_imported'] for r in report['runs'] if r['runtime'] == 'onnx')}.",
+        f"{quality['psnr_onnx_vs_torch_db']} dB PSNR, max |diff| {quality['max_abs_diff']} (uint8), "
+        f"{quality['pixels_differing']} values differ; in process {quality['in_process_720p_seconds']} s.",
         "",
     ]
     path.write_text("\n".join(lines))
@@ -235,24 +274,24 @@ def write_markdown(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "pretrained" / "nafnet16.pt")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--big", type=int, default=4096, help="side of the large square request")
     parser.add_argument("--artifact", type=Path, default=None,
                         help="a serving artifact exported with model.onnx (skips the export)")
+    parser.add_argument("--rounds", type=int, default=3, help="cold starts per runtime")
+    parser.add_argument("--repeats", type=int, default=5, help="1280x720 requests per runtime")
+    parser.add_argument("--big", type=int, default=4096, help="side of the large square request")
+    parser.add_argument("--big-repeats", type=int, default=1, help="large requests per runtime")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "src"))
     work = Path(tempfile.mkdtemp(prefix="bench-runtimes-"))
     try:
         both = work / "both"
         if args.artifact:
             shutil.copytree(args.artifact, both)
-            meta = json.loads((both / "model.json").read_text())
-            export = {"export_total_seconds": None, "onnx": meta["onnx"],
-                      "model_pt_mb": round((both / "model.pt").stat().st_size / 1e6, 2),
-                      "model_onnx_mb": round((both / "model.onnx").stat().st_size / 1e6, 2)}
+            export = {"export_total_seconds": None, "onnx": json.loads((both / "model.json").read_text())["onnx"]}
         else:
             export = export_artifact(args.checkpoint, both)
+        export.update(model_pt_mb=round((both / "model.pt").stat().st_size / 1e6, 2),
+                      model_onnx_mb=round((both / "model.onnx").stat().st_size / 1e6, 2))
         print(f"export: {export}", flush=True)
         threads = json.loads((both / "model.json").read_text())["serving"]["threads"]
         quality = quality_720p(both, threads)
@@ -263,22 +302,29 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(both, artifacts[runtime])
             meta = json.loads((both / "model.json").read_text())
             meta["serving"]["runtime"] = runtime
+            meta["serving"]["max_request_seconds"] = 3600   # measure, do not refuse (a loaded machine is slow)
             (artifacts[runtime] / "model.json").write_text(json.dumps(meta, indent=2))
         blocker = work / "block_torch"
         blocker.mkdir()
         (blocker / "sitecustomize.py").write_text(BLOCK_TORCH)
-        bodies = {"first": jpeg(photo(256, 256)), "720p": jpeg(photo(1280, 720)), "4096": jpeg(photo(args.big, args.big))}
-        runs = []
-        for r in range(args.rounds):
-            for runtime in (RUNTIMES if r % 2 == 0 else RUNTIMES[::-1]):
-                run = {"round": r, **serve_and_measure(artifacts[runtime], runtime, bodies, blocker, big=r == 0)}
-                print(run, flush=True)
-                runs.append(run)
+        bodies = {"first": jpeg(photo(256, 256)), "720p": jpeg(photo(1280, 720)), "big": jpeg(photo(args.big, args.big))}
+        starts = cold_starts(artifacts, blocker, bodies["first"], args.rounds)
+        latency = latencies(artifacts, blocker, bodies, {"720p": args.repeats, "big": args.big_repeats})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    keys = ("cold_start_seconds", "load_seconds", "latency_720p_seconds", "latency_4096_seconds", "peak_rss_mb")
-    median = {rt: {k: round(statistics.median(r[k] for r in runs if r["runtime"] == rt and k in r), 2) for k in keys}
-              for rt in RUNTIMES}
+
+    def of(runtime: str, key: str) -> list:
+        return [r[key] for r in starts if r["runtime"] == runtime]
+
+    summary = {rt: {
+        "cold_start_seconds": round(statistics.median(of(rt, "cold_start_seconds")), 2),
+        "load_seconds": round(statistics.median(of(rt, "load_seconds")), 2),
+        "idle_rss_mb": round(statistics.median(of(rt, "peak_rss_mb")), 1),
+        "latency_720p_seconds": round(statistics.median(latency[rt]["seconds"]["720p"]), 2),
+        "latency_big_seconds": round(statistics.median(latency[rt]["seconds"]["big"]), 2),
+        "peak_rss_mb": latency[rt]["peak_rss_mb"],
+        "torch_mapped": latency[rt]["torch_mapped"] or any(of(rt, "torch_mapped")),
+    } for rt in RUNTIMES}
     packages = {}
     for runtime, path in REQUIREMENTS.items():
         mb, names = installed_mb(requirement_names(path))
@@ -286,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
               "checkpoint": str(args.checkpoint.relative_to(ROOT) if args.checkpoint.is_relative_to(ROOT)
-                                else args.checkpoint),
-              "rounds": args.rounds, "big_side": args.big, "export": export, "quality": quality,
-              "runs": runs, "median": median, "packages": packages}
+                                else args.checkpoint) + (f" (exported earlier to {args.artifact})" if args.artifact else ""),
+              "threads": threads, "rounds": args.rounds, "big_side": args.big, "export": export, "quality": quality,
+              "cold_starts": starts, "latency": latency, "summary": summary, "packages": packages}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "runtimes.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(report, args.out / "runtimes.md")

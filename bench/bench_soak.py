@@ -708,6 +708,11 @@ def statuses_text(summary: dict) -> str:
     return text + (f" ({', '.join(f'{k} {v}' for k, v in summary['errors'].items())})" if summary["errors"] else "")
 
 
+def speed_text(fields: dict) -> str:
+    value = fields.get("seconds_per_megapixel")
+    return f"{value:.3g}" if isinstance(value, (int, float)) else "-"
+
+
 def markdown(r: dict) -> str:
     m, lines = r["machine"], []
     title = "# Soak and burst bench" + (" (SHORT RUN)" if r["short"] else "")
@@ -760,7 +765,8 @@ def markdown(r: dict) -> str:
                      f"{fmt(a['in_flight_zero_after_s'])} s")
     if "tiny" in phases:
         t = phases["tiny"]
-        lines.append(f"- tiny: speed state before {t['speed_before']}, after {t['speed_after']}")
+        lines.append(f"- tiny: /api/health seconds_per_megapixel before {speed_text(t['speed_before'])}, "
+                     f"after {speed_text(t['speed_after'])} (all speed fields in the JSON)")
     if "slow_clients" in phases:
         sc = phases["slow_clients"]
         parts = [f"{g}: {v['closed_by_server']}/{v['count']} closed by the server (p50 {fmt(v['closed_p50_s'])} s, "
