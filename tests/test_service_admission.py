@@ -4,6 +4,7 @@ cancellation, SIGTERM and the memory budget, each against a real ``python -m deb
 from __future__ import annotations
 
 import json
+import math
 import signal
 import socket
 import threading
@@ -30,6 +31,13 @@ TRUTH = SpeedPrior(batch=Line(0.01, 1e-6), request=Line(0.02, 1e-7), size_multip
 
 def png(width: int, height: int) -> bytes:
     return encode(Image.fromarray(smooth_rgb(height, width)), "PNG")
+
+
+def side_for(model_dir, seconds: float) -> int:
+    """Side of a square image whose 64-pixel tiles (overlap 0) take about ``seconds`` on this machine,
+    by the prior measured at export: the tests below need work that lasts, whatever the CPU."""
+    prior = prior_from_meta(json.loads((model_dir / "model.json").read_text()), "torch")
+    return int(min(64 * math.ceil(math.sqrt(seconds / prior.batch.at(64 * 64))), 6000))
 
 
 def true_seconds(width: int, height: int, tile_size: int = 288, overlap: int = 32) -> float:
@@ -179,6 +187,7 @@ def test_the_first_request_of_a_fresh_worker_is_bounded_by_the_prior_measured_at
 
 def test_a_request_the_estimate_got_wrong_stops_at_the_deadline_and_teaches_it(tmp_path):
     model_dir = make_artifact(tmp_path, serving={"max_request_seconds": 2}, **SLOW)
+    side = side_for(model_dir, 8)   # 64-pixel tiles: about 8 s of work, 0.8 s by the prior written below
     meta = json.loads((model_dir / "model.json").read_text())
     measured = prior_from_meta(meta, "torch")
     too_fast = SpeedPrior(batch=Line(measured.batch.fixed / 10, measured.batch.per_pixel / 10),
@@ -186,7 +195,7 @@ def test_a_request_the_estimate_got_wrong_stops_at_the_deadline_and_teaches_it(t
                           size_multiple=1, source="10x too fast")
     meta[PRIOR_KEY] = {"torch": too_fast.to_json()}
     (model_dir / "model.json").write_text(json.dumps(meta))
-    body = png(1920, 1080)   # 64-pixel tiles: over 5 s of work
+    body = png(side, side)
     with running_server(model_dir) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         started = time.monotonic()
         stopped = client.post("/api/deblur?tile_size=64&overlap=0", content=body)   # before: 200 after > 5 s
@@ -203,7 +212,8 @@ def test_a_request_the_estimate_got_wrong_stops_at_the_deadline_and_teaches_it(t
 
 def test_abandoned_requests_stop_and_the_worker_serves_the_next_one_promptly(tmp_path):
     model_dir = make_artifact(tmp_path, serving={"max_request_seconds": 100}, **SLOW)
-    body = png(1280, 720)
+    side = side_for(model_dir, 5)
+    body = png(side, side)
 
     def abandon(_) -> str:
         try:
@@ -227,7 +237,8 @@ def test_abandoned_requests_stop_and_the_worker_serves_the_next_one_promptly(tmp
 
 def test_sigterm_stops_a_busy_worker_within_the_grace(tmp_path):
     model_dir = make_artifact(tmp_path, serving={"max_request_seconds": 100, "shutdown_grace_seconds": 1}, **SLOW)
-    body = png(2000, 2000)   # 64-pixel tiles: over 15 s of work
+    side = side_for(model_dir, 15)   # 64-pixel tiles: about 15 s of work
+    body = png(side, side)
     with running_server(model_dir) as server:
         url = f"{server.url}/api/deblur?tile_size=64&overlap=0"
         with ThreadPoolExecutor(2) as pool:
