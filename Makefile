@@ -46,6 +46,7 @@ function-package: install
 bench: install
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_serving.py --model-dir function_app/model
+	$(PY) bench/bench_runtimes.py
 
 # A default DVC remote in a local folder (a shared disk for a team): `make dvc-remote [DVC_REMOTE=/srv/dvc]`,
 # then `dvc push`; a fresh clone runs `dvc pull`. Azure Blob / S3: documentation/pipeline.md.

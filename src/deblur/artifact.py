@@ -10,6 +10,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from deblur.config import TilingConfig
+
 WEIGHTS_FILE = "model.pt"
 META_FILE = "model.json"
 FORMAT_VERSION = 1
@@ -56,3 +58,27 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class ServedModelInfo:
+    """What every served model (torch or ONNX Runtime) reports from its ``meta`` and ``tiling``."""
+
+    meta: dict
+    tiling: TilingConfig
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or self.meta.get("model_name") or UNREGISTERED)
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.get("version") or "none")
+
+    @property
+    def alias(self) -> str:
+        return str(self.meta.get("alias") or "none")
+
+    def tiling_for(self, tile_size: int | None = None, overlap: int | None = None) -> TilingConfig:
+        """The default tiling with optional overrides (validated: overlap < tile_size / 2)."""
+        update = {k: v for k, v in (("tile_size", tile_size), ("overlap", overlap)) if v is not None}
+        return TilingConfig.model_validate({**self.tiling.model_dump(), **update})

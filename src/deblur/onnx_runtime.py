@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deblur.artifact import UNREGISTERED, WEIGHTS_FILE, ServingError, read_artifact_meta, sha256_file
+from deblur.artifact import WEIGHTS_FILE, ServedModelInfo, ServingError, read_artifact_meta, sha256_file
 from deblur.config import ServingConfig, TilingConfig
 from deblur.tile_plan import axis_total, check_tiling_args, feather_ramp, ramp_kind, round_up, tile_starts
 
@@ -106,7 +106,7 @@ def add_onnx_model(model_dir: Path, meta: dict, tiling: TilingConfig, serving: S
 
 
 @dataclass
-class OnnxServingModel:
+class OnnxServingModel(ServedModelInfo):
     """A serving artifact's ``model.onnx`` in an ONNX Runtime session, with the metadata the service reports."""
 
     session: object            # onnxruntime.InferenceSession
@@ -118,29 +118,12 @@ class OnnxServingModel:
     runtime: str = field(default="onnx", init=False)
 
     @property
-    def name(self) -> str:
-        return str(self.meta.get("name") or self.meta.get("model_name") or UNREGISTERED)
-
-    @property
-    def version(self) -> str:
-        return str(self.meta.get("version") or "none")
-
-    @property
-    def alias(self) -> str:
-        return str(self.meta.get("alias") or "none")
-
-    @property
     def architecture(self) -> str:
         return str(self.meta["onnx"].get("model_class") or self.meta.get("architecture"))
 
     @property
     def samples(self) -> bool:
         return False
-
-    def tiling_for(self, tile_size: int | None = None, overlap: int | None = None) -> TilingConfig:
-        """The default tiling with optional overrides (validated: overlap < tile_size / 2)."""
-        update = {k: v for k, v in (("tile_size", tile_size), ("overlap", overlap)) if v is not None}
-        return TilingConfig.model_validate({**self.tiling.model_dump(), **update})
 
     def sampling_for(self, seed: int | None = None, steps: int | None = None) -> dict[str, int]:
         raise ValueError(f"seed and steps apply to diffusion refiners only; this model is a {self.architecture}")

@@ -31,6 +31,7 @@ from deblur.artifact import (  # noqa: F401  (re-exported: the artifact's names 
     FORMAT_VERSION,
     META_FILE,
     UNREGISTERED,
+    ServedModelInfo,
     WEIGHTS_FILE,
     ServingError,
     read_artifact_meta,
@@ -44,7 +45,7 @@ from deblur.tiling import BatchCallback, deblur_array
 
 
 @dataclass
-class ServingModel:
+class ServingModel(ServedModelInfo):
     """A model ready for CPU inference, with the metadata the service reports."""
 
     model: torch.nn.Module
@@ -52,23 +53,6 @@ class ServingModel:
     tiling: TilingConfig
     load_seconds: float = 0.0
     source: str = ""
-
-    @property
-    def name(self) -> str:
-        return str(self.meta.get("name") or self.meta.get("model_name") or UNREGISTERED)
-
-    @property
-    def version(self) -> str:
-        return str(self.meta.get("version") or "none")
-
-    @property
-    def alias(self) -> str:
-        return str(self.meta.get("alias") or "none")
-
-    def tiling_for(self, tile_size: int | None = None, overlap: int | None = None) -> TilingConfig:
-        """The default tiling with optional overrides (validated: overlap < tile_size / 2)."""
-        update = {k: v for k, v in (("tile_size", tile_size), ("overlap", overlap)) if v is not None}
-        return TilingConfig.model_validate({**self.tiling.model_dump(), **update})
 
     @property
     def architecture(self) -> str:
