@@ -783,7 +783,7 @@ def parse_phases(args: argparse.Namespace) -> list[str]:
     unknown = [p for p in wanted if p not in PHASES]
     if unknown:
         raise SystemExit(f"--only: unknown phase(s) {unknown}; choose from {', '.join(PHASES)}")
-    return [p for p in PHASES if p in wanted and not (args.skip_bursts and p in BURSTS)]
+    return [p for p in wanted if not (args.skip_bursts and p in BURSTS)]   # in the order asked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -794,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="serving artifact (default: function_app/model, else the pretrained NAFNet-16 exported)")
     parser.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json", help="JSON result; markdown beside it")
-    parser.add_argument("--only", default=None, help=f"comma-separated phases to run, of {', '.join(PHASES)}")
+    parser.add_argument("--only", default=None, help=f"comma-separated phases to run, in this order, of {', '.join(PHASES)}")
     parser.add_argument("--skip-bursts", action="store_true", help="baseline and soak only")
     parser.add_argument("--baseline-requests", type=int, default=5)
     parser.add_argument("--slow-clients", type=int, default=250, help="half-sent sockets in the slow_clients burst")

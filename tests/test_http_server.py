@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,15 +16,29 @@ import pytest
 from PIL import Image
 
 from deblur.service.admission import InferenceGate
-from serving_support import PARAMS, encode, make_artifact, running_server, smooth_rgb
+from serving_support import PARAMS, ROOT, encode, make_artifact, running_server, smooth_rgb
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from build_function_package import build_package  # noqa: E402
 
 LIMITS = {"max_body_mb": 1, "max_pixels": 1_000_000, "max_side": 2000, "min_side": 8}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model_dir = make_artifact(tmp_path_factory.mktemp("http"), serving=LIMITS)
-    with running_server(model_dir) as running:
+@pytest.fixture(scope="module", params=["torch", "onnx_function_package"])
+def server(request, tmp_path_factory):
+    """The hostile-input suite runs twice: ``make serve``'s torch server, and the Function package
+    built with ``--runtime onnx`` (its own copy of deblur, model.onnx only) in a process that cannot import torch."""
+    folder = tmp_path_factory.mktemp("http")
+    model_dir = make_artifact(folder, serving=LIMITS)
+    env = None
+    if request.param == "onnx_function_package":
+        (folder / "block_torch").mkdir()
+        (folder / "block_torch" / "sitecustomize.py").write_text('import sys\nsys.modules["torch"] = None\n')
+        package = build_package(folder / "package", model_dir, runtime="onnx")
+        model_dir, env = package / "model", {"PYTHONPATH": os.pathsep.join([str(folder / "block_torch"), str(package)])}
+    with running_server(model_dir, env=env) as running:
+        if env is not None:
+            assert running.wait_ready()["model"]["runtime"] == "onnx"
         yield running
 
 

@@ -21,7 +21,7 @@ UNREGISTERED = "unregistered"
 SERVING_DEFAULTS_OF_OLD_ARTIFACTS = {
     "refiner_steps_range": [1, 1],     # no refiner then: no steps apply
     "runtime": "torch",                # only model.pt then
-    "max_buffered_mb": 800,
+    "max_buffered_mb": 640,
     "header_timeout_seconds": 10,
     "body_timeout_seconds": 120,
     "shutdown_grace_seconds": 20,
