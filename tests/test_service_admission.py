@@ -26,6 +26,7 @@ from serving_support import PARAMS, encode, make_artifact, running_server, smoot
 
 SMALL = {"channels": 8, "depth": 3}      # a few ms per tile
 SLOW = {"channels": 32, "depth": 6}      # seconds per 720p image with 64-pixel tiles: time to cancel it
+ROOMY = {"max_buffered_mb": 16000}   # tests of time, not memory: the budget never refuses their large images
 TRUTH = SpeedPrior(batch=Line(0.01, 1e-6), request=Line(0.02, 1e-7), size_multiple=16, source="test")
 
 
@@ -37,7 +38,7 @@ def side_for(model_dir, seconds: float) -> int:
     """Side of a square image whose 64-pixel tiles (overlap 0) take about ``seconds`` on this machine,
     by the prior measured at export: the tests below need work that lasts, whatever the CPU."""
     prior = prior_from_meta(json.loads((model_dir / "model.json").read_text()), "torch")
-    return int(min(64 * math.ceil(math.sqrt(seconds / prior.batch.at(64 * 64))), 6000))
+    return int(min(64 * math.ceil(math.sqrt(seconds / prior.batch.at(64 * 64))), 5000))
 
 
 def true_seconds(width: int, height: int, tile_size: int = 288, overlap: int = 32) -> float:
@@ -186,7 +187,7 @@ def test_the_first_request_of_a_fresh_worker_is_bounded_by_the_prior_measured_at
 
 
 def test_a_request_the_estimate_got_wrong_stops_at_the_deadline_and_teaches_it(tmp_path):
-    model_dir = make_artifact(tmp_path, serving={"max_request_seconds": 2}, **SLOW)
+    model_dir = make_artifact(tmp_path, serving={"max_request_seconds": 2, **ROOMY}, **SLOW)
     side = side_for(model_dir, 8)   # 64-pixel tiles: about 8 s of work, 0.8 s by the prior written below
     meta = json.loads((model_dir / "model.json").read_text())
     measured = prior_from_meta(meta, "torch")
@@ -211,7 +212,7 @@ def test_a_request_the_estimate_got_wrong_stops_at_the_deadline_and_teaches_it(t
 
 
 def test_abandoned_requests_stop_and_the_worker_serves_the_next_one_promptly(tmp_path):
-    model_dir = make_artifact(tmp_path, serving={"max_request_seconds": 100}, **SLOW)
+    model_dir = make_artifact(tmp_path, serving={"max_request_seconds": 100, **ROOMY}, **SLOW)
     side = side_for(model_dir, 5)
     body = png(side, side)
 
@@ -236,7 +237,8 @@ def test_abandoned_requests_stop_and_the_worker_serves_the_next_one_promptly(tmp
 
 
 def test_sigterm_stops_a_busy_worker_within_the_grace(tmp_path):
-    model_dir = make_artifact(tmp_path, serving={"max_request_seconds": 100, "shutdown_grace_seconds": 1}, **SLOW)
+    model_dir = make_artifact(tmp_path, serving={"max_request_seconds": 100, "shutdown_grace_seconds": 1, **ROOMY},
+                              **SLOW)
     side = side_for(model_dir, 15)   # 64-pixel tiles: about 15 s of work
     body = png(side, side)
     with running_server(model_dir) as server:
