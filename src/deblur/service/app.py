@@ -24,7 +24,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
 from deblur.config import ServingConfig
-from deblur.artifact import ServingError, read_artifact_meta
 from deblur.service.admission import (
     BYTES_PER_PIXEL,
     InferenceGate,
@@ -61,10 +60,10 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
                preload: bool = True) -> FastAPI:
     """The FastAPI app; ``model_dir=None`` picks the model from the environment (see module doc)."""
     source = ModelSource(Path(model_dir), None) if model_dir is not None else model_source_from_env()
-    serving, tiling, settings_source = resolve_settings(source, settings)
+    serving, tiling, settings_source, artifact_meta = resolve_settings(source, settings)
     holder = ModelHolder(source, tiling, serving.threads, serving.runtime)
     gate = InferenceGate(serving.inference_slots, serving.max_waiting)
-    speed = SpeedModel(prior_from_meta(_artifact_meta(source), serving.runtime))
+    speed = SpeedModel(prior_from_meta(artifact_meta, serving.runtime))
     budget = MemoryBudget(int(serving.max_buffered_mb * 2**20))
     shutdown = Shutdown(serving.shutdown_grace_seconds)
     running: set[RequestControl] = set()
@@ -205,13 +204,6 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
         })
 
     return app
-
-
-def _artifact_meta(source: ModelSource) -> dict | None:
-    try:
-        return read_artifact_meta(source.model_dir) if source.model_dir is not None else None
-    except ServingError:
-        return None
 
 
 def _never_fits(width: int, height: int, serving: ServingConfig) -> ApiError:

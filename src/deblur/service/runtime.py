@@ -46,26 +46,28 @@ def model_source_from_env() -> ModelSource:
     return ModelSource(model_dir=Path(os.environ.get("DEBLUR_MODEL_DIR") or DEFAULT_MODEL_DIR), model_uri=None)
 
 
-def resolve_settings(source: ModelSource, settings: ServingConfig | None) -> tuple[ServingConfig, TilingConfig, str]:
-    """Serving limits and default tiling: from the artifact's model.json, else params.yaml."""
+def resolve_settings(source: ModelSource, settings: ServingConfig | None
+                     ) -> tuple[ServingConfig, TilingConfig, str, dict | None]:
+    """Serving limits, default tiling, where they come from, and the artifact's model.json (None for a
+    registry URI or an unusable artifact): from model.json, else params.yaml. Read once per worker."""
     if source.model_dir is not None:
         try:
             meta = read_artifact_meta(source.model_dir)
             serving = settings or ServingConfig.model_validate(meta["serving"])
-            return serving, TilingConfig.model_validate(meta["tiling"]), str(source.model_dir / "model.json")
+            return serving, TilingConfig.model_validate(meta["tiling"]), str(source.model_dir / "model.json"), meta
         except (ServingError, ValidationError) as err:
             log.warning("no usable settings in the serving artifact (%s); falling back to params.yaml", err)
     params_path = Path(os.environ.get("DEBLUR_PARAMS", "params.yaml"))
     params = load_params(params_path)
-    return settings or params.serving, params.tiling, str(params_path)
+    return settings or params.serving, params.tiling, str(params_path), None
 
 
 class ModelHolder:
     """Loads the model once, thread-safely; a failed load is reported and retried on the next request."""
 
-    def __init__(self, source: ModelSource, tiling: TilingConfig, threads: int, runtime: str | None = None) -> None:
+    def __init__(self, source: ModelSource, tiling: TilingConfig, threads: int, runtime: str) -> None:
         self.source, self.tiling, self.threads = source, tiling, threads
-        self.runtime = runtime   # torch | onnx; None: the serving artifact's serving.runtime
+        self.runtime = runtime   # torch | onnx (the worker's serving.runtime)
         self._lock = threading.Lock()
         self._model = None
         self.error: str | None = None
@@ -100,7 +102,7 @@ class ModelHolder:
         """The artifact's runtime: ONNX Runtime (no torch import) or torch; onnx falls back to torch
         when the artifact has no model.onnx or onnxruntime is missing, and says so in the log."""
         onnx_error = None
-        if self.source.model_uri is None and (self.runtime or self._artifact_runtime()) == "onnx":
+        if self.source.model_uri is None and self.runtime == "onnx":
             from deblur.onnx_runtime import load_onnx_serving_model
 
             try:
@@ -116,9 +118,6 @@ class ModelHolder:
         if self.source.model_uri:
             return load_from_model_uri(self.source.model_uri, self.tiling, self.threads)
         return load_serving_model(self.source.model_dir, self.threads)
-
-    def _artifact_runtime(self) -> str:
-        return read_artifact_meta(self.source.model_dir)["serving"]["runtime"]
 
 
 def model_info(model) -> dict | None:
