@@ -6,6 +6,9 @@ import sys
 from typing import Callable
 
 from deblur.errors import DeblurError
+from deblur.reproducible import pin_vector_unit
+
+pin_vector_unit()   # before any stage imports torch: same bytes on AVX2 and AVX-512 machines
 
 
 def fail_cleanly(fn: Callable, *args) -> int:

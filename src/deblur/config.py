@@ -325,6 +325,7 @@ class TrainConfig(_Strict):
     precision: Literal["bf16", "fp16", "fp32"]
     channels_last: bool
     compile: bool
+    cpu_threads: int = Field(ge=0)
     deterministic: bool
     log_every: int = Field(ge=1)
     val_max_images: int = Field(ge=1)

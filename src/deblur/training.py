@@ -45,6 +45,7 @@ from deblur.metrics import psnr, ssim
 from deblur.models import build_model, configure_inference, count_parameters
 from deblur.models.common import load_grown
 from deblur.progress import progress
+from deblur.reproducible import pin_threads
 from deblur.stages.spec import RESUME_NEUTRAL_TRAIN_KEYS, STAGES, code_digests, params_subset
 
 class TrainingError(DeblurError, RuntimeError):
@@ -137,7 +138,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 # Params added after runs were saved, with the value that matches what the code did before they
 # existed: a resume key without them reads as if it held these (a multi-day run survives the update).
-PARAMS_ADDED_SINCE = {"model.nafnet.padding": "reflect", "train.deterministic": False,
+PARAMS_ADDED_SINCE = {"model.nafnet.padding": "reflect", "train.deterministic": False, "train.cpu_threads": 0,
                       "train.lora.rank": 0, "train.lora.alpha": 4.0, "train.lora.dropout": 0.0,
                       "train.lora.target_modules": ["conv1", "conv3", "conv4", "conv5", "sca.proj"],
                       "synthesize.noise.sigma_min": 0.02, "synthesize.noise.sigma_max": 0.1}
@@ -195,6 +196,7 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.dist = dist_info or Dist()
         configure_determinism(self.cfg.deterministic)   # before the first CUDA kernel
+        pin_threads(self.cfg.cpu_threads)
         self.device = resolve_device(self.cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.dist.local_rank)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from deblur import portable_math as pm
 from deblur.config import DEGRADATION_TYPES, NOISE, LensConfig, MotionConfig, SynthesizeConfig
 
 TRAJECTORY_STEPS = 1000
@@ -85,7 +86,7 @@ def apply_blur(sharp: np.ndarray, spec: BlurSpec, cfg: SynthesizeConfig, rng: np
         raise ValueError(f"expected a uint8 HxWx3 image, got {sharp.dtype} {sharp.shape}")
     linear = _decode_lut(cfg.gamma)[sharp]
     blurred = convolve(linear, spec.kernel)
-    encoded = np.power(np.clip(blurred, 0.0, 1.0), 1.0 / cfg.gamma)
+    encoded = pm.power(np.clip(blurred, 0.0, 1.0), float(np.float32(1.0 / cfg.gamma))).astype(np.float32)
     noise_sigma = spec.params.get("noise_sigma", 0.0)
     if noise_sigma > 0:
         encoded += rng.normal(0.0, noise_sigma, encoded.shape).astype(np.float32)
@@ -131,10 +132,10 @@ def shake_trajectory(rng: np.random.Generator, length: float, anxiety: float,
     centripetal = 0.7 * rng.random()
     big_shake_probability = 0.2 * rng.random()
     gaussian_shake = 10.0 * rng.random()
-    direction = np.exp(1j * 2 * np.pi * rng.random())
+    direction = _unit_complex(2 * np.pi * rng.random())
     step = length / (steps - 1)
     big = rng.random(steps - 1) < big_shake_probability * anxiety
-    turn = np.exp(1j * (np.pi + (rng.random(steps - 1) - 0.5)))
+    turn = _unit_complex(np.pi + (rng.random(steps - 1) - 0.5))
     jitter = rng.standard_normal(steps - 1) + 1j * rng.standard_normal(steps - 1)
     velocity = direction * (anxiety if anxiety > 0 else step)
     positions = np.zeros(steps, np.complex128)
@@ -154,7 +155,7 @@ def gaussian_kernel(sigma: float) -> np.ndarray:
     """Isotropic Gaussian sampled on a (2*ceil(3 sigma)+1)^2 grid, normalised to sum 1."""
     half = max(1, math.ceil(3 * sigma))
     axis = np.arange(-half, half + 1, dtype=np.float64)
-    g = np.exp(-(axis ** 2) / (2 * sigma ** 2))
+    g = pm.exp(-(axis * axis) / (2 * sigma ** 2))
     kernel = np.outer(g, g)
     return (kernel / kernel.sum()).astype(np.float32)
 
@@ -215,7 +216,12 @@ def kernel_image(kernel: np.ndarray, side: int = 96) -> np.ndarray:
 
 
 def _decode_lut(gamma: float) -> np.ndarray:
-    return ((np.arange(256, dtype=np.float64) / 255.0) ** gamma).astype(np.float32)
+    return pm.power(np.arange(256, dtype=np.float64) / 255.0, gamma).astype(np.float32)
+
+
+def _unit_complex(angle):
+    """exp(1j * angle), from the portable sine and cosine."""
+    return pm.cos(angle) + 1j * pm.sin(angle)
 
 
 def _odd(value: float, low: int, high: int) -> int:
@@ -226,9 +232,9 @@ def _odd(value: float, low: int, high: int) -> int:
 def _dwell_weights(rng: np.random.Generator, count: int) -> np.ndarray:
     """Relative exposure time per path sample: the camera slows and speeds up smoothly."""
     t = np.linspace(0.0, 1.0, count)
-    wobble = sum(rng.normal() * np.sin(2 * np.pi * rng.uniform(0.5, 3.0) * t + rng.uniform(0, 2 * np.pi))
+    wobble = sum(rng.normal() * pm.sin(2 * np.pi * rng.uniform(0.5, 3.0) * t + rng.uniform(0, 2 * np.pi))
                  for _ in range(3))
-    return np.exp(rng.uniform(0.0, 0.7) * wobble)
+    return pm.exp(rng.uniform(0.0, 0.7) * wobble)
 
 
 def _rasterise(path: np.ndarray, weights: np.ndarray, side: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from deblur import portable_math as pm
 from deblur.config import DeadLeavesConfig
 from deblur.data.blur import disk_kernel
 
@@ -59,7 +60,7 @@ def dead_leaves(rng: np.random.Generator, cfg: DeadLeavesConfig, palette: np.nda
             colour = cv2.filter2D(colour, -1, psf, borderType=cv2.BORDER_REFLECT)
             alpha = cv2.filter2D(alpha, -1, psf, borderType=cv2.BORDER_REFLECT)
         image = image * (1.0 - alpha[..., None]) + colour
-    encoded = np.clip(image, 0.0, 1.0) ** (1.0 / DISPLAY_GAMMA)
+    encoded = pm.power(np.clip(image, 0.0, 1.0), float(np.float32(1.0 / DISPLAY_GAMMA))).astype(np.float32)
     return np.round(encoded * 255.0).astype(np.uint8)
 
 
@@ -110,13 +111,13 @@ def default_palette(rng: np.random.Generator, count: int = 4096) -> np.ndarray:
 
 
 def _to_linear(srgb: np.ndarray) -> np.ndarray:
-    return (srgb.astype(np.float32) / 255.0) ** DISPLAY_GAMMA
+    return pm.power(srgb.astype(np.float32) / 255.0, float(np.float32(DISPLAY_GAMMA))).astype(np.float32)
 
 
 def _power_law_radii(rng: np.random.Generator, count: int, r_min: float, r_max: float) -> np.ndarray:
     """Inverse-CDF samples of p(r) ~ r^-3 on [r_min, r_max]."""
     u = rng.random(count)
-    return (r_min ** -2 - u * (r_min ** -2 - r_max ** -2)) ** -0.5
+    return 1.0 / np.sqrt(r_min ** -2 - u * (r_min ** -2 - r_max ** -2))
 
 
 def _sample_shapes(rng: np.random.Generator, side: int, cfg: DeadLeavesConfig) -> dict[str, np.ndarray]:
@@ -155,10 +156,10 @@ def _outlines(shapes: dict[str, np.ndarray]) -> np.ndarray:
     rect[:, :4, 0] = corners[:, 0] * r
     rect[:, :4, 1] = corners[:, 1] * r * shapes["aspect"][:, None]
     rho = shapes["vertex_radius"] * r
-    poly = np.stack([rho * np.cos(shapes["vertex_angle"]), rho * np.sin(shapes["vertex_angle"])], axis=-1)
+    poly = np.stack([rho * pm.cos(shapes["vertex_angle"]), rho * pm.sin(shapes["vertex_angle"])], axis=-1)
     is_rect = (shapes["kind"] == SHAPE_KINDS.index("rectangle"))[:, None, None]
     local = np.where(is_rect, rect, poly)
-    cos, sin = np.cos(shapes["angle"])[:, None], np.sin(shapes["angle"])[:, None]
+    cos, sin = pm.cos(shapes["angle"])[:, None], pm.sin(shapes["angle"])[:, None]
     x = local[..., 0] * cos - local[..., 1] * sin + shapes["centre"][:, :1] * s
     y = local[..., 0] * sin + local[..., 1] * cos + shapes["centre"][:, 1:] * s
     return np.round(np.stack([x, y], axis=-1)).astype(np.int32)
@@ -167,7 +168,7 @@ def _outlines(shapes: dict[str, np.ndarray]) -> np.ndarray:
 def _shading_tables(shapes: dict[str, np.ndarray], colours: np.ndarray) -> dict[str, np.ndarray]:
     """float32 per-shape coefficients: u = ux*x + uy*y + u0 runs from -1 to 1 across a shape."""
     s = SUPERSAMPLING
-    cos, sin = np.cos(shapes["angle"]), np.sin(shapes["angle"])
+    cos, sin = pm.cos(shapes["angle"]), pm.sin(shapes["angle"])
     r = shapes["radius"] * s
     cx, cy = shapes["centre"][:, 0] * s, shapes["centre"][:, 1] * s
     base = colours[shapes["colour"] % len(colours)]
@@ -188,7 +189,7 @@ def _background(rng: np.random.Generator, side: int, colours: np.ndarray) -> np.
     a, b = colours[rng.integers(0, len(colours), 2)]
     angle = rng.uniform(0, 2 * np.pi)
     ys, xs = np.mgrid[0:side, 0:side].astype(np.float32) / side
-    t = np.clip(0.5 + (xs - 0.5) * np.cos(angle) + (ys - 0.5) * np.sin(angle), 0, 1)[..., None]
+    t = np.clip(0.5 + (xs - 0.5) * pm.cos(angle) + (ys - 0.5) * pm.sin(angle), 0, 1)[..., None]
     return (a * (1 - t) + b * t).astype(np.float32)
 
 
@@ -219,7 +220,7 @@ def _render_layer(tables: dict[str, np.ndarray], index_map: np.ndarray, grain: n
     idx = index_map[ys, xs]
     u = tables["ux"][idx] * xs.astype(np.float32) + tables["uy"][idx] * ys.astype(np.float32) + tables["u0"][idx]
     mode = tables["mode"][idx]
-    stripes = 0.5 + 0.5 * np.sin(tables["stripe_rate"][idx] * u + tables["phase"][idx])
+    stripes = (0.5 + 0.5 * pm.sin(tables["stripe_rate"][idx] * u + tables["phase"][idx])).astype(np.float32)
     ramp = np.clip(0.5 + 0.5 * u, 0.0, 1.0)
     mix = np.where(mode == 0, np.float32(0), np.where(mode == 2, stripes, ramp))
     pixel = tables["base"][idx] + tables["delta"][idx] * mix[:, None]
