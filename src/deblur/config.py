@@ -376,6 +376,35 @@ class RegisterConfig(_Strict):
     min_sharp_in_psnr: float
 
 
+class KernelAwareConfig(_Strict):
+    """Thorough mode (deblur.psf.restore): blind PSF estimate, deconvolution, evidence-based choice."""
+
+    default_mode: Literal["fast", "thorough"]
+    max_kernel_size: int = Field(ge=3, le=255)
+    crop_size: int = Field(ge=64, le=1024)
+    crops: int = Field(ge=1, le=8)
+    network_latent: bool
+    min_confidence: float = Field(ge=0.0, le=1.0)
+    sharp_support: int = Field(ge=1)
+    half_scale_from: int = Field(ge=1)
+    quarter_scale_from: int = Field(ge=1)
+    min_side: int = Field(ge=32)
+
+    @field_validator("max_kernel_size")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"must be odd (a PSF's centre pixel is its origin), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _scales_in_order(self) -> "KernelAwareConfig":
+        if not self.half_scale_from <= self.quarter_scale_from:
+            raise ValueError(f"half_scale_from {self.half_scale_from} must not exceed quarter_scale_from "
+                             f"{self.quarter_scale_from}")
+        return self
+
+
 class ServingConfig(_Strict):
     max_body_mb: float = Field(gt=0)
     max_pixels: int = Field(ge=1)
@@ -423,6 +452,7 @@ class Params(_Strict):
     evaluate: EvaluateConfig
     registration: RegisterConfig = Field(alias="register")  # "register" would shadow BaseModel.register
     serving: ServingConfig
+    kernel_aware: KernelAwareConfig
 
     @model_validator(mode="after")
     def _refiner_fits(self) -> "Params":

@@ -1,0 +1,147 @@
+"""Thorough mode: estimate the blur, deconvolve it, check the result, and keep what the evidence supports.
+
+Candidates for one photo (no sharp image needed to choose):
+- ``kernel``: non-blind deconvolution (``deblur.psf.deconvolve``) with the blindly estimated PSF;
+- ``network``, ``network_half``, ``network_quarter``: the served network at full, 1/2 and 1/4
+  resolution, the coarse results' residual upsampled and added to the input (a large blur is
+  small in the network's pixels at a coarse scale);
+- ``input``: the photo unchanged.
+
+The selector (``choose``) takes the kernel result only when the estimate is confident (its crops
+agree and the kernel explains the blurred crop) and not near-delta; otherwise the network at the
+scale that fits the estimated blur size. Thresholds live in ``params.yaml`` ``kernel_aware`` and
+were calibrated on synthetic camera shake of training photos (``bench/calibrate_kernel_selector.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from deblur.config import KernelAwareConfig
+from deblur.psf.deconvolve import deconvolve
+from deblur.psf.estimate import EstimatorSettings, KernelEstimate, estimate_kernel
+
+Network = Callable[[np.ndarray], np.ndarray]   # sRGB uint8 HxWx3 -> deblurred, same shape (the fast mode)
+CANDIDATES = ("kernel", "network", "network_half", "network_quarter", "input")
+SCALE_OF = {"network": 1, "network_half": 2, "network_quarter": 4}
+MIN_SCALED_SIDE = 32   # a coarse scale is skipped when the photo would be smaller than this
+
+
+@dataclass
+class ThoroughResult:
+    """The chosen image and why: the estimated PSF and the evidence behind the choice."""
+
+    image: np.ndarray                 # uint8 HxWx3
+    chosen: str                       # one of CANDIDATES
+    estimate: KernelEstimate | None
+    evidence: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def psf(self) -> np.ndarray | None:
+        return None if self.estimate is None else self.estimate.kernel
+
+
+def network_at_scale(rgb: np.ndarray, network: Network, factor: int) -> np.ndarray:
+    """The network run at 1/``factor`` resolution; its residual, upsampled, is added to ``rgb``."""
+    if factor == 1:
+        return network(rgb)
+    h, w = rgb.shape[:2]
+    small = cv2.resize(rgb, (max(1, round(w / factor)), max(1, round(h / factor))), interpolation=cv2.INTER_AREA)
+    residual = network(small).astype(np.float32) - small.astype(np.float32)
+    residual = cv2.resize(residual, (w, h), interpolation=cv2.INTER_CUBIC)
+    return np.clip(np.round(rgb.astype(np.float32) + residual), 0, 255).astype(np.uint8)
+
+
+def network_scale_for(support: int, cfg: KernelAwareConfig) -> str:
+    """The network candidate for a blur of ``support`` px: full up to ``half_scale_from``, then 1/2, then 1/4."""
+    if support >= cfg.quarter_scale_from:
+        return "network_quarter"
+    if support >= cfg.half_scale_from:
+        return "network_half"
+    return "network"
+
+
+def choose(estimate: KernelEstimate, cfg: KernelAwareConfig) -> tuple[str, dict]:
+    """The candidate the evidence supports, and that evidence (JSON-ready)."""
+    evidence = {"support_px": int(estimate.support), "crop_agreement": round(float(estimate.crop_agreement), 4),
+                "reblur_residual": round(float(estimate.reblur_residual), 4),
+                "confidence": round(float(estimate.confidence), 4)}
+    if estimate.support <= cfg.sharp_support:
+        evidence["reason"] = f"near-delta kernel ({estimate.support} px): the photo looks sharp"
+        return "network", evidence
+    if estimate.confidence >= cfg.min_confidence and estimate.support <= cfg.max_kernel_size:
+        evidence["reason"] = (f"confident kernel estimate (confidence {estimate.confidence:.2f} >= "
+                              f"{cfg.min_confidence})")
+        return "kernel", evidence
+    choice = network_scale_for(estimate.support, cfg)
+    evidence["reason"] = (f"kernel estimate not trusted (confidence {estimate.confidence:.2f} < {cfg.min_confidence}); "
+                          f"network at scale 1/{SCALE_OF[choice]} for a {estimate.support} px blur")
+    return choice, evidence
+
+
+def restore_thorough(rgb: np.ndarray, network: Network, cfg: KernelAwareConfig, gamma: float = 2.2,
+                     all_candidates: bool = False) -> tuple[ThoroughResult, dict[str, np.ndarray]]:
+    """Thorough-mode restoration of one uint8 photo; with ``all_candidates`` every candidate is computed
+    (for evaluation and calibration), else only the chosen one. Returns the result and the candidates made."""
+    seconds = {}
+    start = time.perf_counter()
+    if min(rgb.shape[:2]) < cfg.min_side:
+        out = network(rgb)
+        return ThoroughResult(out, "network", None, {"reason": f"smaller than {cfg.min_side} px: network only"},
+                              {"total": time.perf_counter() - start}), {"network": out}
+    estimate = estimate_kernel(rgb, cfg.max_kernel_size, latent_fn=network if cfg.network_latent else None,
+                               settings=EstimatorSettings(crop_size=cfg.crop_size, crops=cfg.crops, gamma=gamma))
+    seconds["estimate"] = estimate.seconds
+    chosen, evidence = choose(estimate, cfg)
+    wanted = list(CANDIDATES) if all_candidates else [chosen]
+    made: dict[str, np.ndarray] = {}
+    for name in wanted:
+        t = time.perf_counter()
+        if name == "input":
+            made[name] = rgb
+        elif name == "kernel":
+            made[name] = register_to_input(deconvolve(rgb, estimate.kernel, gamma=gamma), estimate.kernel)
+        elif min(rgb.shape[:2]) // SCALE_OF[name] >= MIN_SCALED_SIDE:
+            made[name] = network_at_scale(rgb, network, SCALE_OF[name])
+        seconds[name] = time.perf_counter() - t
+    if chosen not in made:   # a coarse scale on a photo too small for it
+        chosen, made["network"] = "network", made.get("network", network(rgb))
+    seconds["total"] = time.perf_counter() - start
+    return ThoroughResult(made[chosen], chosen, estimate, evidence, seconds), made
+
+
+def centroid_offset(kernel: np.ndarray) -> tuple[float, float]:
+    """(dy, dx) of the kernel's centre of mass from its centre pixel."""
+    planes = kernel.reshape(-1, *kernel.shape[-2:]).sum(axis=0).astype(np.float64)
+    ys, xs = np.mgrid[: planes.shape[0], : planes.shape[1]]
+    total = planes.sum()
+    return (float((planes * ys).sum() / total - (planes.shape[0] - 1) / 2),
+            float((planes * xs).sum() / total - (planes.shape[1] - 1) / 2))
+
+
+def register_to_input(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Undo the shift a blind kernel carries: move ``image`` (deconvolved with ``kernel``) by the kernel's
+    centroid offset, so that every point sits where the blur's centre of mass left it in the input.
+
+    A blind estimate is only known up to a translation (a shifted kernel and an oppositely shifted image
+    explain the photo equally well); camera-shake blur displaces each point to its centroid, which the
+    synthesis (``deblur.data.blur``) puts on the centre pixel. Measured on astronaut with a 15 px kernel
+    moved 3 px: the deconvolution was best rolled by exactly that offset (18.6 dB unregistered vs 27.3 dB).
+    """
+    dy, dx = centroid_offset(kernel)
+    if abs(dy) < 0.05 and abs(dx) < 0.05:
+        return image
+    shifted = ndimage.shift(image.astype(np.float32), (dy, dx, 0), order=3, mode="nearest")
+    return np.clip(np.round(shifted), 0, 255).astype(np.uint8)
+
+
+def restore_with_psf(rgb: np.ndarray, psf: np.ndarray, gamma: float = 2.2) -> np.ndarray:
+    """Non-blind: the user knows the PSF (``deblur predict --psf``, the HTTP ``psf`` part)."""
+    return deconvolve(rgb, psf, gamma=gamma)
