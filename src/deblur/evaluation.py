@@ -18,18 +18,23 @@ from pathlib import Path
 import numpy as np
 from skimage import restoration
 
-from deblur.config import NOISE, EvaluateConfig, TilingConfig
+from deblur.config import NOISE, EvaluateConfig, KernelAwareConfig, TilingConfig
 from deblur.data.pairs import PairRecord
 from deblur.imageio import read_rgb
 from deblur.metrics import psnr, ssim
 from deblur.perceptual import lpips_distances
 from deblur.progress import progress
+from deblur.psf.deconvolve import deconvolve
+from deblur.psf.metrics import kernel_ncc
+from deblur.psf.restore import restore_thorough
 from deblur.tiling import deblur_array
 
-METHODS = ("model", "input", "baseline", "predictor")   # predictor: a diffusion refiner's own predictor, alone
+METHODS = ("model", "input", "baseline", "predictor", "nonblind", "thorough")
 METHOD_LABELS = {"model": "model", "input": "blurred input", "baseline": "classical (true PSF)",
-                 "predictor": "predictor alone"}
+                 "predictor": "predictor alone",   # a diffusion refiner's own predictor, alone
+                 "nonblind": "hyper-Laplacian (true PSF)", "thorough": "thorough mode (blind PSF)"}
 BUCKETED_BLUR_TYPE = "motion"        # camera shake: the blur type reported per kernel-size bucket
+SHAKE_ONLY_SCORES = ("thorough_", "nonblind_", "kernel_")   # camera-shake pairs only: not averaged into "all"
 KERNEL_BUCKET_EDGES = (21, 41)       # px, largest kernel side of each bucket but the last: <=21, 23-41, >=43
 
 
@@ -89,7 +94,7 @@ class EvalResult:
             by_type[r.blur_type].append(r)
             if r.kernel_bucket is not None:
                 by_bucket[r.kernel_bucket].append(r)
-        overall = mean_scores(self.images)
+        overall = {k: v for k, v in mean_scores(self.images).items() if not k.startswith(SHAKE_ONLY_SCORES)}
         overall["gain_over_input_db"] = round(overall["model_psnr"] - overall["input_psnr"], 4)
         if "predictor_psnr" in overall:   # a refiner: what it adds to its own predictor
             overall["gain_over_predictor_db"] = round(overall["model_psnr"] - overall["predictor_psnr"], 4)
@@ -140,23 +145,43 @@ def classical_deconvolution(blurred: np.ndarray, kernel: np.ndarray, method: str
 
 def evaluate_model(model, records: list[PairRecord], tiling: TilingConfig, cfg: EvaluateConfig, gamma: float,
                    sharp_in_paths: list[Path] = (), with_baseline: bool = True, keep_images: int = 0,
-                   desc: str = "evaluate", lpips=None) -> EvalResult:
+                   desc: str = "evaluate", lpips=None, kernel_aware: KernelAwareConfig | None = None) -> EvalResult:
     """Score ``model`` on test pairs (and sharp-in photos); keeps the first ``keep_images`` images.
+
+    ``kernel_aware``: the served model is ``model`` in that mode (``default_mode: thorough``: blind PSF
+    estimate, deconvolution, evidence-based choice); camera-shake pairs also get the thorough result
+    (``thorough_psnr``), the estimated PSF's NCC to the true one (``kernel_ncc``) and the non-blind
+    ceiling, hyper-Laplacian deconvolution with the true PSF (``nonblind_psnr``).
 
     ``lpips`` (a ``deblur.perceptual.LPIPS``) adds ``<method>_lpips`` for every method scored.
     ``noise`` pairs get no classical reference: their PSF is the identity, and Richardson-Lucy
     with a delta kernel returns its input unchanged (the input column already is that reference).
     """
     results = []
+    network = lambda rgb: deblur_array(model, rgb, tiling)   # noqa: E731  (fast mode, the thorough mode's network)
     predictor = getattr(model, "predictor", None)   # a diffusion refiner's predictor: scored alone, same pairs
     for i, rec in enumerate(progress(records, desc=desc, unit="image")):
         blurred, sharp = read_rgb(rec.blur_path), read_rgb(rec.clear_path)
         if blurred.shape != sharp.shape:
             raise ValueError(f"{rec.blur_path}: size {blurred.shape[:2]} differs from {rec.clear_path} {sharp.shape[:2]}")
-        restored = deblur_array(model, blurred, tiling)
+        shake = kernel_aware is not None and rec.blur_type == BUCKETED_BLUR_TYPE and rec.kernel_path is not None
+        thorough = None
+        if kernel_aware is not None and (kernel_aware.default_mode == "thorough" or shake):
+            thorough, _ = restore_thorough(blurred, network, kernel_aware, gamma)
+        restored = thorough.image if thorough is not None and kernel_aware.default_mode == "thorough" \
+            else deblur_array(model, blurred, tiling)
         scores = {"model_psnr": psnr(restored, sharp), "model_ssim": ssim(restored, sharp),
                   "input_psnr": psnr(blurred, sharp), "input_ssim": ssim(blurred, sharp)}
         images = {"blurred": blurred, "model": restored, "sharp": sharp} if i < keep_images else {}
+        if shake:
+            true_kernel = np.load(rec.kernel_path)
+            scores.update(thorough_psnr=psnr(thorough.image, sharp), thorough_ssim=ssim(thorough.image, sharp))
+            nonblind = deconvolve(blurred, true_kernel, gamma=gamma)
+            scores.update(nonblind_psnr=psnr(nonblind, sharp), nonblind_ssim=ssim(nonblind, sharp))
+            if thorough.psf is not None:
+                scores["kernel_ncc"] = kernel_ncc(thorough.psf, true_kernel)
+                if images:
+                    images.update(true_psf=true_kernel, estimated_psf=thorough.psf)
         baseline = None
         has_psf = rec.kernel_path is not None and rec.blur_type != NOISE
         if with_baseline and cfg.classical_baseline != "none" and has_psf:
@@ -176,7 +201,12 @@ def evaluate_model(model, records: list[PairRecord], tiling: TilingConfig, cfg: 
             if images:
                 images["predictor"] = alone
         results.append(ImageResult(rec.id, rec.blur_type, scores, images, rec.kernel_size))
-    sharp_in = [psnr(deblur_array(model, img, tiling), img) for img in (read_rgb(p) for p in sharp_in_paths)]
+    def serve(rgb: np.ndarray) -> np.ndarray:
+        if kernel_aware is not None and kernel_aware.default_mode == "thorough":
+            return restore_thorough(rgb, network, kernel_aware, gamma)[0].image
+        return deblur_array(model, rgb, tiling)
+
+    sharp_in = [psnr(serve(img), img) for img in (read_rgb(p) for p in sharp_in_paths)]
     return EvalResult(results, sharp_in)
 
 
@@ -214,7 +244,7 @@ def per_blur_figure(summary: dict):
     groups = ["all", *summary["per_blur_type"]]
     table = {"all": summary["overall"], **summary["per_blur_type"]}
     fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2, 3.5))
-    shown = [m for m in METHODS if m != "predictor" or "predictor_psnr" in summary["overall"]]
+    shown = [m for m in METHODS if any(f"{m}_psnr" in table[g] for g in groups)]
     width = 0.8 / len(shown)
     for j, method in enumerate(shown):
         values = [table[g].get(f"{method}_psnr", np.nan) for g in groups]
@@ -222,7 +252,7 @@ def per_blur_figure(summary: dict):
                label=METHOD_LABELS[method])
     ax.set_xticks(np.arange(len(groups)), groups)
     ax.set_ylabel("PSNR (dB)")
-    ax.set_title("Test PSNR per blur type: model vs blurred input vs classical (true PSF)")
+    ax.set_title("Test PSNR per blur type: model vs blurred input vs references (true PSF)")
     ax.legend()
     finite = [v for g in groups for m in METHODS if np.isfinite(v := table[g].get(f"{m}_psnr", np.nan))]
     if finite:

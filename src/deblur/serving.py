@@ -38,7 +38,7 @@ from deblur.artifact import (  # noqa: F401  (re-exported: the artifact's names 
     sha256_file,
 )
 from deblur.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint
-from deblur.config import ServingConfig, TilingConfig
+from deblur.config import KernelAwareConfig, ServingConfig, TilingConfig
 from deblur.imageio import DecodedImage, decode_image, encode_image
 from deblur.speed import PRIOR_KEY, measure_speed_prior
 from deblur.tiling import BatchCallback, deblur_array
@@ -86,6 +86,7 @@ def export_serving_artifact(
     tiling: TilingConfig,
     serving: ServingConfig,
     onnx: bool | None = None,
+    kernel_aware: KernelAwareConfig | None = None,
 ) -> Path:
     """Write ``out_dir/model.pt`` and ``out_dir/model.json`` from a checkpoint; replaces ``out_dir`` whole.
 
@@ -93,6 +94,7 @@ def export_serving_artifact(
     ...); the keys this function writes itself (format_version, architecture, tiling,
     serving, ...) win. ``onnx`` (default: ``serving.runtime == "onnx"``) also writes
     ``model.onnx`` (deblur.onnx_runtime) for the architectures that have an ONNX form.
+    ``kernel_aware`` (params.yaml's section) gives the thorough mode's settings and the default mode.
     """
     ckpt = load_checkpoint(checkpoint_path)
     if ckpt.get("lora"):   # a LoRA run is served merged: plain layers, no adapter overhead (deblur.lora)
@@ -124,6 +126,7 @@ def export_serving_artifact(
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "tiling": tiling.model_dump(mode="json"),
             "serving": serving.model_dump(mode="json"),
+            **({"kernel_aware": kernel_aware.model_dump(mode="json")} if kernel_aware is not None else {}),
             PRIOR_KEY: measure_torch_speed(staging / WEIGHTS_FILE, tiling, serving),
         }
         if serving.runtime == "onnx" if onnx is None else onnx:

@@ -60,3 +60,20 @@ def triptych(blurred: np.ndarray, output: np.ndarray, sharp: np.ndarray, titles=
     top = hstack([blurred, output, sharp], height, list(titles))
     bottom = hstack(crops, height, [f"{t} (zoom)" for t in titles])
     return vstack([top, bottom])
+
+
+def kernel_picture(kernel: np.ndarray, side: int) -> np.ndarray:
+    """A PSF as a uint8 RGB square: square-root scaled (faint taps visible), brightest tap white."""
+    planes = kernel.reshape(-1, *kernel.shape[-2:]).mean(axis=0)
+    peak = planes.max()
+    grey = np.round(np.sqrt(np.clip(planes / peak if peak > 0 else planes, 0, 1)) * 255).astype(np.uint8)
+    big = np.asarray(Image.fromarray(grey).resize((side, side), Image.Resampling.NEAREST))
+    return np.stack([big] * 3, axis=-1)
+
+
+def with_kernels(sheet: np.ndarray, true_psf: np.ndarray, estimated_psf: np.ndarray, note: str = "",
+                 side: int = 128) -> np.ndarray:
+    """``sheet`` with the true and the estimated PSF beside it (thorough mode shows the blur it removed)."""
+    kernels = vstack([label(kernel_picture(true_psf, side), "true PSF"),
+                      label(kernel_picture(estimated_psf, side), f"estimated {note}".strip())])
+    return hstack([sheet, kernels], sheet.shape[0])

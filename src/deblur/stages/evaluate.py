@@ -83,7 +83,7 @@ def run_evaluate(params_path: Path, run_info_path: Path, pairs_dir: Path, metric
     torch.manual_seed(params.seed)
     lpips = lpips_from_config(cfg.lpips)   # None when evaluate.lpips.backbone is null: recorded, never faked
     result = evaluate_model(model, records, params.tiling, cfg, params.synthesize.gamma, photos,
-                            keep_images=cfg.triptychs, lpips=lpips)
+                            keep_images=cfg.triptychs, lpips=lpips, kernel_aware=params.kernel_aware)
     summary = result.summary()
     summary["lpips"] = {"available": lpips is not None, "status": lpips_status(cfg.lpips)}
     tracking.dump_json(summary, metrics_path)
@@ -98,6 +98,9 @@ def run_evaluate(params_path: Path, run_info_path: Path, pairs_dir: Path, metric
             sheet = viz.triptych(r.images["blurred"], r.images["model"], r.images["sharp"],
                                  titles=(f"blurred {r.scores['input_psnr']:.2f} dB",
                                          f"deblurred {r.scores['model_psnr']:.2f} dB", "sharp"))
+            if "estimated_psf" in r.images:   # the blur thorough mode removed, beside the true one
+                sheet = viz.with_kernels(sheet, r.images["true_psf"], r.images["estimated_psf"],
+                                         f"NCC {r.scores['kernel_ncc']:.2f}")
             write_png(triptych_dir / f"{r.id}_{r.blur_type}.png", sheet)
 
     flat = flat_test_metrics(summary)

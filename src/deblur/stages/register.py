@@ -68,7 +68,7 @@ def _rescore(checkpoint, params: Params, records, desc: str) -> PairedScores:
     from deblur.evaluation import evaluate_model
 
     result = evaluate_model(model_from_checkpoint(checkpoint), records, params.tiling, params.evaluate,
-                            params.synthesize.gamma, with_baseline=False, desc=desc)
+                            params.synthesize.gamma, with_baseline=False, desc=desc, kernel_aware=params.kernel_aware)
     return PairedScores(tuple(r.id for r in result.images), tuple(r.blur_type for r in result.images),
                         tuple(r.scores["model_psnr"] for r in result.images))
 
@@ -172,7 +172,7 @@ def export_champion(params: Params, info: dict, decision: Decision, version: str
         "model_name": name, "version": served, "alias": "champion", "model_uri": f"models:/{name}/{served}",
         "run_id": run_id, "metrics": {"test_psnr": round(sum(psnr) / len(psnr), 4),
                                       "test_input_psnr": round(sum(evidence.input.psnr) / len(evidence.input.psnr), 4)}},
-        tiling=params.tiling, serving=params.serving)
+        tiling=params.tiling, serving=params.serving, kernel_aware=params.kernel_aware)
     return served
 
 

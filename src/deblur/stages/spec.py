@@ -42,9 +42,10 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("synthesize", ("seed", "synthesize"), ("data/ingested",)),
     StageSpec("train", ("seed", "model", "loss", "train", "synthesize"),
               ("data/pairs/train", "data/pairs/val", "checkpoints/pretrained")),
-    StageSpec("evaluate", ("seed", "evaluate", "tiling", "synthesize.gamma"),
+    StageSpec("evaluate", ("seed", "evaluate", "tiling", "synthesize.gamma", "kernel_aware"),
               ("checkpoints/best.pt", "reports/train_run.json", "data/pairs/test")),
-    StageSpec("register", ("seed", "register", "evaluate", "tiling", "serving", "synthesize.gamma", "train.init_from"),
+    StageSpec("register", ("seed", "register", "evaluate", "tiling", "serving", "synthesize.gamma", "train.init_from",
+                           "kernel_aware"),
               ("checkpoints/best.pt", "checkpoints/pretrained", "reports/train_run.json", "reports/per_image.csv",
                "reports/sharp_in.csv", "data/pairs/test")),
 )}
