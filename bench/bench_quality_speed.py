@@ -20,15 +20,18 @@ plus the photos fetched once by ``bench/fetch_heldout_photos.sh`` (``--heldout-d
 downscaled to ``--bucket-max-side`` and centre-cropped to at most ``--crop`` px square. Every
 (photo, bucket) pair gets its own seeded camera-shake kernel whose support lies in the bucket,
 so each bucket has as many kernels as photos (drawn as the synthesize stage draws camera shake,
-kept when the support falls in the bucket). Rows: blurred input, Richardson-Lucy with the
-true kernel, each ``--checkpoint``. Writes bench/results/shake_buckets.{json,md}:
+kept when the support falls in the bucket). Rows: blurred input, Richardson-Lucy and the
+hyper-Laplacian engine (``deblur.psf.deconvolve``) with the true kernel, each ``--checkpoint``.
+Writes bench/results/shake_buckets.{json,md}:
 
     python bench/bench_quality_speed.py --shake-buckets [--reuse-references] --checkpoint a.pt [--checkpoint b.pt ...]
+    python bench/bench_quality_speed.py --shake-buckets --references-only   # new reference rows, checkpoint rows kept
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import zlib
@@ -46,6 +49,7 @@ from deblur.evaluation import classical_deconvolution, kernel_bucket, kernel_buc
 from deblur.imageio import read_rgb, write_png
 from deblur.metrics import psnr, ssim
 from deblur.models import build_model, configure_inference, count_parameters
+from deblur.psf.deconvolve import deconvolve
 from deblur.tiling import deblur_array
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +60,7 @@ BLUR_TYPES = ("motion", "gaussian", "defocus", "lens")
 HELD_OUT_DIR = ROOT / "data" / "heldout_photos"    # bench/fetch_heldout_photos.sh
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 MIN_BUCKET_PHOTOS = 20
+HYPER_LAPLACIAN = "hyper-Laplacian (true kernel)"
 
 
 def held_out_photos(max_side: int) -> dict[str, np.ndarray]:
@@ -174,23 +179,32 @@ def run_shake_buckets(args, params) -> int:
         return classical_deconvolution(blurred, kernel, "richardson_lucy", params.evaluate.rl_iterations,
                                        params.synthesize.gamma)
 
+    def hyper_laplacian(blurred, kernel):
+        return deconvolve(blurred, kernel, gamma=params.synthesize.gamma, workers=args.threads)
+
     kernels = {label: sorted(int(k.shape[-1]) for (_, l), (_, _, k) in data.items() if l == label)
                for label, _, _ in kernel_buckets()}
     meta = {"photos": {name: list(rgb.shape[:2]) for name, rgb in photos.items()}, "seed": args.seed,
             "bucket_max_side": args.bucket_max_side, "crop": args.crop, "kernel_sizes": kernels,
             "noise_sigma_max": params.synthesize.noise_sigma_max, "gamma": params.synthesize.gamma,
             "rl_iterations": params.evaluate.rl_iterations}
-    methods = [("blurred input", "reference", lambda b, k: b),
-               ("Richardson-Lucy (true kernel)", "reference", richardson_lucy)]
-    rows = reused_references(meta) if args.reuse_references else []
-    input_images = None
+    engine = hyper_laplacian_settings()
+    references = [("blurred input", lambda b, k: b, None),
+                  ("Richardson-Lucy (true kernel)", richardson_lucy, None),
+                  (HYPER_LAPLACIAN, hyper_laplacian, engine)]
+    previous = previous_rows(meta) if args.reuse_references or args.references_only else []
+    reusable = {r["name"]: r for r in previous if r["kind"] == "reference"}
+    rows = [reusable[name] for name, _, settings in references
+            if name in reusable and reusable[name].get("settings") == settings]
     if rows:
-        print("reusing the blurred-input and Richardson-Lucy rows of", RESULTS / "shake_buckets.json")
-        methods, input_images = [], rows[0]["per_image"]
+        print("reusing", ", ".join(r["name"] for r in rows), "of", RESULTS / "shake_buckets.json")
+    methods = [(name, "reference", restore, settings) for name, restore, settings in references
+               if name not in {r["name"] for r in rows}]
     for path in args.checkpoint:
         model = model_from_checkpoint(load_checkpoint(path))
-        methods.append((str(path), "trained", lambda b, k, model=model: deblur_array(model, b, tiling)))
-    for name, kind, restore in methods:
+        methods.append((str(path), "trained", lambda b, k, model=model: deblur_array(model, b, tiling), None))
+    input_images = rows[0]["per_image"] if rows and rows[0]["name"] == "blurred input" else None
+    for name, kind, restore, settings in methods:
         start = time.perf_counter()
         per_bucket, per_image = score_buckets(restore, data)
         input_images = input_images or per_image
@@ -199,9 +213,14 @@ def run_shake_buckets(args, params) -> int:
                 gains = [per_image[k]["psnr"] - v["psnr"] for k, v in input_images.items() if k.endswith(f"|{label}")]
                 bucket.update(gain_db=round(float(np.mean(gains)), 3),
                               better_than_input=int(np.sum(np.array(gains) > 0)))
-        rows.append({"name": name, "kind": kind, "per_bucket": per_bucket, "per_image": per_image,
-                     "seconds": round(time.perf_counter() - start, 1)})
+        row = {"name": name, "kind": kind, "per_bucket": per_bucket, "per_image": per_image,
+               "seconds": round(time.perf_counter() - start, 1)}
+        rows.append({**row, "settings": settings} if settings else row)
         print(name, per_bucket, flush=True)
+    order = {name: i for i, (name, _, _) in enumerate(references)}
+    rows.sort(key=lambda r: order.get(r["name"], len(order)))   # references first, in their order
+    if args.references_only:   # the last run's checkpoint rows stay: they scored the same set
+        rows += [r for r in previous if r["kind"] != "reference"]
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta.update(threads=args.threads, tiling=tiling.model_dump(), torch=torch.__version__,
@@ -212,8 +231,13 @@ def run_shake_buckets(args, params) -> int:
 
 
 def reused_references(meta: dict) -> list[dict]:
-    """The blurred-input and Richardson-Lucy rows of the last --shake-buckets run when it scored the
-    same set (photos, seed, crop, kernel sides, noise, gamma, RL iterations); else []."""
+    """The reference rows (blurred input, Richardson-Lucy, hyper-Laplacian) of the last --shake-buckets run when
+    it scored the same set (photos, seed, crop, kernel sides, noise, gamma, RL iterations); else []."""
+    return [r for r in previous_rows(meta) if r["kind"] == "reference"]
+
+
+def previous_rows(meta: dict) -> list[dict]:
+    """Every row of the last --shake-buckets run when it scored the same set; else []."""
     path = RESULTS / "shake_buckets.json"
     if not path.is_file():
         return []
@@ -221,7 +245,16 @@ def reused_references(meta: dict) -> list[dict]:
     if any(old["meta"].get(key) != value for key, value in meta.items()):
         print(f"{path}: another held-out set or settings; recomputing the references")
         return []
-    return [r for r in old["rows"] if r["kind"] == "reference"]
+    return old["rows"]
+
+
+def hyper_laplacian_settings() -> dict:
+    """What the hyper-Laplacian row depends on: the engine's settings and its lambda mapping."""
+    from deblur.psf import deconvolve as engine
+
+    return {**dataclasses.asdict(engine.Settings()), "lambda_at_reference": engine.LAMBDA_AT_REFERENCE[2 / 3],
+            "reference_sigma": engine.REFERENCE_SIGMA, "reference_area": engine.REFERENCE_AREA,
+            "noise_exponent": engine.NOISE_EXPONENT, "area_exponent": engine.AREA_EXPONENT}
 
 
 def write_bucket_markdown(rows, meta) -> None:
@@ -233,7 +266,8 @@ def write_bucket_markdown(rows, meta) -> None:
              f"one seeded kernel per photo and bucket (seed {meta['seed']}; kernel sides "
              + "; ".join(f"{label}: {min(kernels[label])}-{max(kernels[label])}" for label in labels if kernels[label])
              + f"), sensor noise up to {meta['noise_sigma_max']}, Richardson-Lucy {meta['rl_iterations']} iterations "
-             f"in linear light, tile {meta['tiling']['tile_size']} overlap {meta['tiling']['overlap']}, "
+             f"and hyper-Laplacian deconvolution (documentation/kernel_aware.md) in linear light, "
+             f"tile {meta['tiling']['tile_size']} overlap {meta['tiling']['overlap']}, "
              f"{meta['threads']} CPU threads, {meta['when']}.", "",
              "PSNR / SSIM, (mean gain over the blurred input in dB, photos better than the input).", "",
              "| method | " + " | ".join(f"{label} px (n={kernels_n})" for label, kernels_n in
@@ -270,8 +304,12 @@ def main() -> int:
     parser.add_argument("--crop", type=int, default=512, help="--shake-buckets: then centre-crop to at most this square")
     parser.add_argument("--seed", type=int, default=1234, help="--shake-buckets: kernels and noise")
     parser.add_argument("--reuse-references", action="store_true",
-                        help="--shake-buckets: take the input and Richardson-Lucy rows (7 of the 9 minutes) from the "
-                             "last results/shake_buckets.json when it scored the same set")
+                        help="--shake-buckets: take the reference rows (input, Richardson-Lucy: 7 of the 9 minutes; "
+                             "hyper-Laplacian when its settings are unchanged) from the last "
+                             "results/shake_buckets.json when it scored the same set")
+    parser.add_argument("--references-only", action="store_true",
+                        help="--shake-buckets: score only the reference rows missing from the last results (as "
+                             "--reuse-references) and keep its checkpoint rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)

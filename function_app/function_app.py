@@ -10,9 +10,13 @@ this file (app setting ``DEBLUR_MODEL_DIR`` overrides it).
 import os
 from pathlib import Path
 
-import azure.functions as func
+from deblur.runtime_env import prefer_passive_openmp
 
-from deblur.service import create_app
+prefer_passive_openmp()   # OMP_WAIT_POLICY=PASSIVE before torch can load: the instance's cores are shared
+
+import azure.functions as func  # noqa: E402
+
+from deblur.service import create_app  # noqa: E402
 
 os.environ.setdefault("DEBLUR_MODEL_DIR", str(Path(__file__).resolve().parent / "model"))
 

@@ -8,8 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # before torch loads: waiting OpenMP threads sleep (documentation/serving.md)
 
 try:
     from deblur.cli import fail_cleanly

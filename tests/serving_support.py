@@ -125,3 +125,35 @@ def running_server(model_dir: Path | None, env: dict | None = None, need_model: 
         yield server
     finally:
         server.stop()
+
+
+SECONDS_PER_TILE = """
+import sys, time
+from deblur.runtime_env import prefer_passive_openmp
+
+prefer_passive_openmp()   # as a worker runs its threads
+import numpy as np
+from deblur.serving import load_serving_model
+
+model, tile = load_serving_model(sys.argv[1]), int(sys.argv[2])
+rgb = np.random.default_rng(0).integers(0, 256, (4 * tile, 4 * tile, 3), dtype=np.uint8)
+model.deblur(rgb, tile, 0)   # warm-up
+runs = []
+for _ in range(3):
+    started = time.perf_counter()
+    model.deblur(rgb, tile, 0)
+    runs.append(time.perf_counter() - started)
+print(min(runs) / 16)
+"""
+
+
+def seconds_per_tile(model_dir: Path, tile: int = 64) -> float:
+    """Seconds per ``tile`` x ``tile`` tile (overlap 0) of the artifact's model, measured now in a fresh
+    process with a worker's thread settings: the fastest of three runs, so work sized from it lasts at
+    least as long on this machine. Not the export prior: that is measured in the test process, whose
+    OpenMP threads spin (torch was imported before any OMP_WAIT_POLICY could be set), and on a loaded
+    machine it came out 20x slower than a worker, so work sized from it ended too soon."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", SECONDS_PER_TILE, str(model_dir), str(tile)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600, check=True)
+    return float(run.stdout.split()[-1])

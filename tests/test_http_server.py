@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -16,12 +19,15 @@ import pytest
 from PIL import Image
 
 from deblur.service.admission import InferenceGate
-from serving_support import PARAMS, ROOT, encode, make_artifact, running_server, smooth_rgb
+from serving_support import PARAMS, ROOT, encode, make_artifact, running_server, seconds_per_tile, smooth_rgb
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from build_function_package import build_package  # noqa: E402
 
 LIMITS = {"max_body_mb": 1, "max_pixels": 1_000_000, "max_side": 2000, "min_side": 8}
+SLOW = {"channels": 32, "depth": 6}   # seconds per large image with 64-pixel tiles: a request that holds the slot
+ROOMY = {"max_buffered_mb": 16000, "max_pixels": 20_000_000, "max_side": 5000, "max_body_mb": 50,
+         "max_request_seconds": 1000}   # the slow request is admitted, whatever its size and time
 
 
 @pytest.fixture(scope="module", params=["torch", "onnx_function_package"])
@@ -252,39 +258,107 @@ def test_inference_gate_admits_slots_plus_waiting():
     assert gate.admit()
 
 
-def test_api_key_is_required_when_set_and_a_full_queue_gets_503(tmp_path):
-    model_dir = make_artifact(tmp_path, serving={**LIMITS, "max_waiting": 0, "inference_slots": 1})
-    with running_server(model_dir, env={"DEBLUR_API_KEY": "s3cret"}) as server, \
-            httpx.Client(base_url=server.url, timeout=60) as c:
+KEY = "s3cretKEY-5d1f"   # distinctive: grepped for in the server log
+KEY_NAME_VARIANTS = ["%63ode", "CODE", "Code", "c%6fde", "%43ODE"]   # read as "code" by Starlette
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    """A worker with ``DEBLUR_API_KEY`` set, one slot and no queue."""
+    model_dir = make_artifact(tmp_path_factory.mktemp("keyed"),
+                              serving={**LIMITS, "max_waiting": 0, "inference_slots": 1, **ROOMY}, **SLOW)
+    with running_server(model_dir, env={"DEBLUR_API_KEY": KEY}) as running:
+        running.model_dir = model_dir
+        yield running
+
+
+def test_api_key_is_required_when_set_and_a_full_queue_gets_503(keyed_server):
+    server = keyed_server
+    with httpx.Client(base_url=server.url, timeout=60) as c:
         body = encode(photo(), "PNG")
         assert c.get("/api/health").json()["auth"] == "api_key"
         assert_error(c.post("/api/deblur", content=body), 401, "unauthorized", "x-functions-key")
         assert_error(c.post("/api/deblur?code=wrong", content=body), 401, "unauthorized")
-        assert c.post("/api/deblur", content=body, headers={"x-functions-key": "s3cret"}).status_code == 200
-        assert c.post("/api/deblur?code=s3cret", content=body).status_code == 200
-        assert _busy_response(c, server.url).status_code == 503
+        assert c.post("/api/deblur", content=body, headers={"x-functions-key": KEY}).status_code == 200
+        assert c.post(f"/api/deblur?code={KEY}", content=body).status_code == 200
+        busy = _busy_response(c, server)
+        assert_error(busy, 503, "busy", "serving.max_waiting")
+        assert busy.headers["Retry-After"] == "5"
         log = server.log()
         assert "/api/deblur?code=*** " in log and "POST /api/deblur?code=***&tile_size=64" in log   # the access log
-        assert "s3cret" not in log and "wrong" not in log        # keys are never written, right or wrong
+        assert KEY not in log and "wrong" not in log        # keys are never written, right or wrong
 
 
-def _busy_response(client: httpx.Client, url: str) -> httpx.Response:
-    """A request sent while another one holds the only slot (max_waiting 0)."""
-    slow = encode(photo(1000, 1000), "PNG")
-    for _ in range(5):
-        first = threading.Thread(target=httpx.post, args=(f"{url}/api/deblur?code=s3cret&tile_size=64&overlap=0",),
-                                 kwargs={"content": slow, "timeout": 60})
-        first.start()
-        deadline = time.monotonic() + 10
-        while client.get("/api/health").json()["in_flight"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.002)
-        second = client.post("/api/deblur?code=s3cret", content=encode(photo(), "PNG"))
+def _busy_response(client: httpx.Client, server) -> httpx.Response:
+    """A request sent while another one holds the only slot (max_waiting 0).
+
+    Event-driven, whatever the load of the machine: the first request is 20 s of work (64-pixel tiles
+    of the slow model, sized from the worker's speed now); the second is sent once /api/health counts
+    the first in flight, so the only place is certainly taken. Then the first client leaves, which stops it.
+    """
+    side = side_for(server, 20)
+    leave = threading.Event()
+    target = f"/api/deblur?code={KEY}&tile_size=64&overlap=0"
+    first = threading.Thread(target=_post_and_leave,
+                             args=(server.port, target, encode(photo(side, side), "PNG"), leave))
+    first.start()
+    try:
+        wait_for(lambda: client.get("/api/health").json()["in_flight"] == 1, timeout=120)
+        second = client.post(target, content=encode(photo(), "PNG"))
+    finally:
+        leave.set()
         first.join()
-        if second.status_code == 503:
-            assert_error(second, 503, "busy", "serving.max_waiting")
-            assert second.headers["Retry-After"] == "5"
-            return second
+    wait_for(lambda: client.get("/api/health").json()["in_flight"] == 0, timeout=120)   # the client left: stopped
     return second
+
+
+def _post_and_leave(port: int, target: str, body: bytes, leave: threading.Event) -> None:
+    """POST ``body`` to ``target`` and close the connection unanswered once ``leave`` is set."""
+    with socket.create_connection(("127.0.0.1", port), timeout=300) as sock:
+        sock.sendall(f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        leave.wait(300)
+
+
+def side_for(server, seconds: float) -> int:
+    """Side of a square image whose 64-pixel tiles (overlap 0) take at least about ``seconds`` (at most 4000)
+    in the worker, measured now (serving_support.seconds_per_tile)."""
+    return int(min(64 * math.ceil(math.sqrt(seconds / seconds_per_tile(server.model_dir))), 4000))
+
+
+def wait_for(condition, timeout: float, step: float = 0.05) -> float:
+    """Seconds until ``condition()`` holds; fails after ``timeout`` (an upper bound on an event, not a speed)."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"not within {timeout} s"
+        time.sleep(step)
+    return time.monotonic() - started
+
+
+def test_the_key_has_one_name_and_never_reaches_the_log(keyed_server):
+    """``code`` exactly (or the header) is the key; every spelling Starlette would decode to it is refused
+    with 401 naming the parameter, and no spelling puts the key into the real server's log."""
+    server = keyed_server
+    body = encode(photo(), "PNG")
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.post(f"/api/deblur?code={KEY}", content=body).status_code == 200
+        assert c.post("/api/deblur", content=body, headers={"x-functions-key": KEY}).status_code == 200
+        for name in KEY_NAME_VARIANTS:   # before: each one was accepted as the key, and logged in clear
+            refused = c.post(f"/api/deblur?{name}={KEY}", content=body)
+            assert_error(refused, 401, "unauthorized", f"{name!r}")
+            assert "'code' exactly" in refused.json()["detail"] and KEY not in refused.text
+            docs = c.get(f"/api/docs?{name}={KEY}")   # the docs need no key, and do not pass a misnamed one on
+            assert docs.status_code == 200 and KEY not in docs.text
+        assert KEY in c.get(f"/api/docs?code={KEY}").text            # the exact name is passed on to the spec
+        assert_error(c.post(f"/api/deblur?code={KEY}&code={KEY}", content=body), 401, "unauthorized", "once")
+        assert_error(c.post(f"/api/deblur?{KEY_NAME_VARIANTS[0]}={KEY}", content=body,
+                            headers={"x-functions-key": KEY}), 401, "unauthorized")   # refused even beside the header
+        assert c.get("/api/health").status_code == 200
+    log = server.log()
+    for name in KEY_NAME_VARIANTS:
+        assert f'"POST /api/deblur?{name}=*** HTTP/1.1" 401' in log, name   # the access log, masked
+        assert f'"GET /api/docs?{name}=*** HTTP/1.1" 200' in log, name
+    assert KEY not in log
 
 
 def test_missing_model_gives_503_and_an_unready_health(tmp_path):
@@ -308,3 +382,49 @@ def test_images_the_worker_is_too_slow_for_are_refused_with_the_largest_size_tha
         assert 8 <= width == height < 1000
         fits = c.post("/api/deblur", content=encode(photo(width, height), "PNG"))
         assert fits.status_code == 200 or fits.json()["error"] == "deadline_exceeded"   # the estimate may be low
+
+
+ENTRY_POINT_WAIT_POLICY = '''
+import os, sys
+sys.path.insert(0, sys.argv[1])
+os.chdir(sys.argv[1])
+if sys.argv[2] == "function_app":
+    import function_app  # noqa: F401   (its create_app() does not load the model yet)
+else:
+    from deblur.__main__ import main
+    try:
+        main(["predict", "--help"])
+    except SystemExit:
+        pass
+print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules)
+'''
+
+
+def test_every_entry_point_makes_openmp_threads_sleep_instead_of_spinning(server, tmp_path):
+    """OMP_WAIT_POLICY=PASSIVE is set before torch loads (a value in the environment wins): spinning
+    OpenMP threads made a 720p request 4-5x slower on a busy machine (bench/bench_busy_serving.py)."""
+    expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    environ = (Path("/proc") / str(server.process.pid) / "environ").read_bytes().split(b"\0")
+    assert f"OMP_WAIT_POLICY={expected}".encode() in environ   # python -m deblur.service, torch and ONNX
+    package = build_package(tmp_path / "package", make_artifact(tmp_path / "artifact", serving=LIMITS), runtime="torch")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY" and not k.startswith("DEBLUR_")}
+    for entry, folder in (("function_app", package), ("cli", ROOT)):
+        run = subprocess.run([sys.executable, "-c", ENTRY_POINT_WAIT_POLICY, str(folder), entry], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split()[-2:] == ["PASSIVE", "False"], (entry, run.stdout, run.stderr)
+
+
+def test_onnx_runtime_threads_do_not_spin(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from deblur.onnx_runtime import _session
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), tmp_path / "identity.onnx")
+    options = _session(tmp_path / "identity.onnx", threads=2).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"

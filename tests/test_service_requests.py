@@ -291,6 +291,28 @@ def test_a_client_leaving_mid_body_leaves_no_traceback(server, client):
     assert "Traceback" not in server.log() and "unhandled error" not in server.log()
 
 
+@pytest.mark.parametrize("request_bytes, why", [
+    (b"POST /api/deblur HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n", "bad Content-Length"),
+    (b"POST /api/deblur HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+     "conflicting Content-Length headers"),
+    (b"GET /api/health?code=s3cret HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header s3cret\r\n\r\n", "illegal header line"),
+    (b"GET /api/health?code=s3cret HTTP/1.1 and more\r\nHost: 127.0.0.1\r\n\r\n", "illegal request line"),
+    (b"GET /api/health HTTP/1.1\r\n\r\n", "Missing mandatory Host: header"),
+], ids=["content-length-abc", "two-content-lengths", "header-line", "request-line", "no-host"])
+def test_requests_that_are_not_http_get_the_json_error_and_the_connection_closes(server, client, request_bytes,
+                                                                                  why):
+    with connect(server) as sock:   # before: uvicorn's "Invalid HTTP request received." as text/plain
+        sock.sendall(request_bytes)
+        reply, closed = read_until_closed(sock, time.monotonic() + 30)
+    head, body = json_reply(reply)
+    assert head.startswith("HTTP/1.1 400"), reply
+    assert "content-type: application/json" in head.lower() and "connection: close" in head.lower(), head
+    assert body["error"] == "bad_request" and why in body["detail"] and "not valid HTTP/1.1" in body["detail"], body
+    assert closed is not None and b"s3cret" not in reply   # nothing of the request is echoed
+    assert client.get("/api/health").status_code == 200
+    assert "s3cret" not in server.log()
+
+
 # --- the buffered-bytes budget while reading -------------------------------------------------------
 
 @pytest.fixture(scope="module")

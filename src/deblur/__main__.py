@@ -1,6 +1,7 @@
 """The ``deblur`` command (also ``python -m deblur``).
 
     deblur predict photo.jpg shots/ -o sharp/ [--model models:/deblur@champion]   # deblur files
+    deblur predict photo.jpg -o sharp/ --psf kernel.png                           # ... with a known blur kernel
     deblur serve [--port 7071]                                                     # the HTTP service
     deblur import-checkpoint NAFNet-GoPro-width32.pth --licence MIT   # official weights -> gate
     deblur import-pretrained [--register checkpoints/pretrained/nafnet16.pt]
@@ -34,6 +35,8 @@ def _merge_lora(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    if args.psf is not None:
+        return _predict_with_psf(args)
     from pydantic import ValidationError
 
     from deblur import predict
@@ -46,6 +49,16 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
     except ValidationError as err:   # tiling overrides out of range
         print(f"error: --tile-size/--overlap: {err.errors()[0]['msg']}", file=sys.stderr)
+    return 2
+
+
+def _predict_with_psf(args: argparse.Namespace) -> int:
+    from deblur import predict   # no model, no torch
+
+    try:
+        return predict.run_with_psf(args.inputs, args.out, args.psf, args.format, args.quality, args.threads)
+    except (DeblurError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
     return 2
 
 
@@ -66,12 +79,17 @@ def parser() -> argparse.ArgumentParser:
                       help="a serving artifact folder (default: the exported champion, function_app/model) "
                            "or a registry URI, models:/<name>@<alias> or models:/<name>/<version> "
                            "(MLFLOW_TRACKING_URI, default sqlite:///mlflow.db)")
+    pred.add_argument("--psf", type=Path, default=None,
+                      help="a known blur kernel (.npy or greyscale PNG, odd sides, centre pixel = origin): "
+                           "deconvolve every input with it (hyper-Laplacian prior, documentation/kernel_aware.md) "
+                           "instead of running a model; --model and the tiling options are then unused")
     pred.add_argument("--format", choices=("same", "png", "jpeg", "webp"), default="same",
                       help="output format (default: as the input; PNG for TIFF/BMP inputs)")
     pred.add_argument("--tile-size", type=int, default=None, help="tile size (default: the model's tiling)")
     pred.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the model's tiling)")
     pred.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
-    pred.add_argument("--threads", type=int, default=None, help="CPU threads (default: the model's serving setting)")
+    pred.add_argument("--threads", type=int, default=None,
+                      help="CPU threads (default: the model's serving setting; with --psf: all cores)")
     pred.add_argument("--params", type=Path, default=Path("params.yaml"),
                       help="tiling for a models:/ URI whose model carries none (default params.yaml)")
     pred.set_defaults(run=_predict)
@@ -123,6 +141,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deblur.runtime_env import prefer_passive_openmp
+
+    prefer_passive_openmp()   # before torch loads: OpenMP threads sleep instead of spinning on shared cores
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
         from deblur.service import server

@@ -13,6 +13,12 @@ MLflow's schema enforcement cannot say "a string column or a uint8 image", so th
 signature is a 1-D object tensor (which lets both through) and ``predict`` enforces the rest.
 The model is logged from code (deblur/pyfunc_model.py), the checkpoint as an artifact, the
 tile settings in ``model_config``; ``params={"tile_size": .., "overlap": ..}`` overrides them per call.
+
+Kernel-aware restoration (documentation/kernel_aware.md): ``params={"mode": "thorough"}`` estimates
+the blur kernel of each image, deconvolves it and keeps what the evidence supports (``"fast"``: the
+network only; ``""``: the model's default, ``kernel_aware.default_mode`` when it was logged).
+``params={"psf": <base64 .npy (2-D float) or grayscale PNG>}`` (odd-sized, centre = origin): the
+images of the call are deconvolved with that PSF (non-blind) instead.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ from mlflow.models import ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 IMAGE_COLUMN = "image"
+MODES = ("fast", "thorough")
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(object), (-1,))]),
-    params=ParamSchema([ParamSpec("tile_size", "long", 0), ParamSpec("overlap", "long", -1)]),
+    params=ParamSchema([ParamSpec("tile_size", "long", 0), ParamSpec("overlap", "long", -1),
+                        ParamSpec("mode", "string", ""), ParamSpec("psf", "string", "")]),
 )
 MODEL_CODE = Path(__file__).resolve().parent / "pyfunc_model.py"
 WHAT_TO_SEND = ("send base64 PNG/JPEG/WebP strings (a column 'image') or one image as uint8 values 0..255 "
@@ -46,6 +54,8 @@ PIP_REQUIREMENTS = [
     "pillow==13.0.0",
     "pydantic==2.14.3",
     "PyYAML==6.0.3",
+    "scipy==1.17.1",
+    "opencv-python-headless==5.0.0.93",
     "tqdm==4.70.1",
 ]
 
@@ -66,21 +76,62 @@ class DeblurPyfunc(mlflow.pyfunc.PythonModel):
         config = context.model_config or {}
         self.tiling = TilingConfig.model_validate(config["tiling"])
         self.max_pixels = config.get("max_pixels")
+        from deblur.config import KernelAwareConfig
+
+        settings = config.get("kernel_aware")   # None: logged before kernel-aware restoration existed
+        self.kernel_aware = KernelAwareConfig.model_validate(settings) if settings else None
 
     def predict(self, context, model_input, params=None):
-        tiling = self._tiling_for(params or {})
+        params = params or {}
+        tiling = self._tiling_for(params)
+        default_mode = self.kernel_aware.default_mode if self.kernel_aware else "fast"
+        restore = self._restorer(tiling, params.get("mode") or default_mode)
+        if params.get("psf"):
+            restore = self._with_psf(params["psf"])
         if hasattr(model_input, "columns") and IMAGE_COLUMN in model_input.columns:
             model_input = model_input[IMAGE_COLUMN]
         data = model_input.to_numpy().ravel() if hasattr(model_input, "to_numpy") else np.asarray(model_input)
         if data.ndim == 1 and data.size and all(isinstance(v, (str, bytes)) for v in data):
-            return self._predict_encoded(data, tiling)
-        return self._predict_array(data, tiling)
+            return self._predict_encoded(data, restore)
+        rgb, alpha = image_from_array(data, self.max_pixels)
+        sharp = restore(rgb)
+        return sharp if alpha is None else np.concatenate([sharp, alpha[..., None]], axis=2)
 
-    def _predict_encoded(self, items, tiling):
+    def _restorer(self, tiling, mode: str):
+        """uint8 RGB -> uint8 RGB in ``mode``: the network alone, or thorough kernel-aware restoration."""
+        from deblur.tiling import deblur_array
+
+        if mode not in MODES:
+            raise contract_error(f"params mode: {mode!r} is not one of {', '.join(MODES)}")
+
+        def network(rgb):
+            return deblur_array(self.model, rgb, tiling)
+
+        if mode == "fast":
+            return network
+        if self.kernel_aware is None:
+            raise contract_error("params mode: this model version was logged without kernel-aware settings; "
+                                 "register it again (dvc repro) for mode 'thorough', or send mode 'fast'")
+        from deblur.psf.restore import restore_thorough
+
+        return lambda rgb: restore_thorough(rgb, network, self.kernel_aware)[0].image
+
+    @staticmethod
+    def _with_psf(encoded: str):
+        """Non-blind restoration with the caller's PSF (params ``psf``)."""
+        from deblur.psf.io import PsfError, psf_from_bytes
+        from deblur.psf.restore import restore_with_psf
+
+        try:
+            psf = psf_from_bytes(_b64decode(encoded, "params psf"), name="params psf")
+        except PsfError as err:
+            raise contract_error(f"{err}; send a base64 .npy (2-D float) or grayscale PNG, odd-sized") from err
+        return lambda rgb: restore_with_psf(rgb, psf)
+
+    def _predict_encoded(self, items, restore):
         import pandas as pd
 
         from deblur.imageio import ImageError, decode_image, encode_image
-        from deblur.tiling import deblur_array
 
         restored = []
         for number, item in enumerate(items):
@@ -89,16 +140,9 @@ class DeblurPyfunc(mlflow.pyfunc.PythonModel):
                 decoded = decode_image(_b64decode(item, label), name=label, max_pixels=self.max_pixels)
             except ImageError as err:
                 raise contract_error(f"{err}; send a complete PNG, JPEG, WebP, TIFF or BMP file, base64-encoded") from err
-            sharp = deblur_array(self.model, decoded.rgb, tiling)
+            sharp = restore(decoded.rgb)
             restored.append(base64.b64encode(encode_image(sharp, "PNG", alpha=decoded.alpha)).decode("ascii"))
         return pd.DataFrame({IMAGE_COLUMN: restored})
-
-    def _predict_array(self, data, tiling):
-        from deblur.tiling import deblur_array
-
-        rgb, alpha = image_from_array(data, self.max_pixels)
-        sharp = deblur_array(self.model, rgb, tiling)
-        return sharp if alpha is None else np.concatenate([sharp, alpha[..., None]], axis=2)
 
     def _tiling_for(self, params: dict):
         """Logged tile settings, with per-call overrides (tile_size > 0, overlap >= 0) validated."""
@@ -173,8 +217,9 @@ def example_png_base64(size: int = 16) -> str:
 
 
 def log_deblur_model(checkpoint: str | Path, tiling, name: str = "model", max_pixels: int | None = None,
-                     registered_model_name: str | None = None) -> str:
-    """Log a checkpoint with its tile settings as a pyfunc model (from code) in the active run; returns its model URI."""
+                     registered_model_name: str | None = None, kernel_aware=None) -> str:
+    """Log a checkpoint with its tile settings (and ``kernel_aware`` settings: the thorough mode and the
+    default mode) as a pyfunc model (from code) in the active run; returns its model URI."""
     import pandas as pd
 
     from deblur.tracking import _mlflow
@@ -190,7 +235,8 @@ def log_deblur_model(checkpoint: str | Path, tiling, name: str = "model", max_pi
             code_paths=[str(Path(__file__).resolve().parent)],
             signature=SIGNATURE,
             input_example=pd.DataFrame({IMAGE_COLUMN: [example_png_base64()]}),
-            model_config={"tiling": tiling.model_dump(), "max_pixels": max_pixels},
+            model_config={"tiling": tiling.model_dump(), "max_pixels": max_pixels,
+                          **({"kernel_aware": kernel_aware.model_dump()} if kernel_aware is not None else {})},
             pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=registered_model_name,
         )

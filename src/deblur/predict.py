@@ -1,11 +1,14 @@
-"""``deblur predict``: deblur image files with a serving artifact or a registered model.
+"""``deblur predict``: deblur image files with a serving artifact or a registered model, or
+deconvolve them with a known blur kernel (``--psf``: no model is loaded).
 
     deblur predict photo.jpg shots/ 'raw/*.png' -o sharp/ [--model function_app/model | models:/deblur@champion]
+    deblur predict photo.jpg -o sharp/ --psf kernel.png
 
 Inputs are files, folders (their images, recursively) and glob patterns. Each output goes to
 ``OUT/<name>.<format>``; images found in a folder keep their path below it. Images that
 cannot be read are skipped and listed at the end; the exit code is 1 when any failed, 0
-when all were written. Inference is the HTTP service's: seam-free tiled, on the CPU.
+when all were written. Inference is the HTTP service's: seam-free tiled, on the CPU. With
+``--psf``, every image is deconvolved with that PSF by ``deblur.psf.deconvolve`` (whole image).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import glob
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import numpy as np
 
 from deblur.errors import DeblurError
 from deblur.imageio import IMAGE_SUFFIXES, ImageError
@@ -81,10 +87,17 @@ def load_model(model: str, params_path: Path, threads: int | None):
 def predict(jobs: list[Job], serving_model, out_dir: Path, fmt: str, tile_size: int | None, overlap: int | None,
             quality: int) -> Report:
     """Deblur every job into ``out_dir``; unreadable inputs are recorded, not raised."""
+    tiling = serving_model.tiling_for(tile_size, overlap)   # validated once, before the first image
+    return restore_all(jobs, lambda rgb: serving_model.deblur(rgb, tiling.tile_size, tiling.overlap), out_dir, fmt,
+                       quality)
+
+
+def restore_all(jobs: list[Job], restore: Callable[[np.ndarray], np.ndarray], out_dir: Path, fmt: str,
+                quality: int) -> Report:
+    """Write ``restore(rgb)`` of every job into ``out_dir``; unreadable inputs are recorded, not raised."""
     from deblur.imageio import decode_image, encode_image
     from deblur.progress import progress
 
-    tiling = serving_model.tiling_for(tile_size, overlap)   # validated once, before the first image
     report = Report()
     bar = progress(jobs, desc="deblur", unit="image")
     for job in bar:
@@ -95,7 +108,7 @@ def predict(jobs: list[Job], serving_model, out_dir: Path, fmt: str, tile_size: 
             continue
         name = fmt if fmt != "same" else SAME_AS_INPUT.get(image.format or "", "png")
         pil_format, suffix = FORMATS[name]
-        restored = serving_model.deblur(image, tiling.tile_size, tiling.overlap)
+        restored = restore(image.rgb)
         alpha = image.alpha if pil_format != "JPEG" else None
         target = out_dir / job.relative.with_suffix(suffix)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -107,14 +120,36 @@ def predict(jobs: list[Job], serving_model, out_dir: Path, fmt: str, tile_size: 
 
 def run(inputs: list[str], out_dir: Path, model: str, params_path: Path, fmt: str, tile_size: int | None,
         overlap: int | None, quality: int, threads: int | None) -> int:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PredictError(f"-o {out_dir}: exists and is not a folder")
-    jobs = collect_inputs(inputs)
+    jobs = _prepare(inputs, out_dir)
     serving_model = load_model(model, params_path, threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = predict(jobs, serving_model, out_dir, fmt, tile_size, overlap, quality)
-    print(f"deblur: {len(report.written)} of {len(jobs)} images written to {out_dir} "
-          f"(model {serving_model.name} v{serving_model.version}, {serving_model.source})")
+    return _summarise(report, len(jobs), out_dir, f"model {serving_model.name} v{serving_model.version}, "
+                                                  f"{serving_model.source}")
+
+
+def run_with_psf(inputs: list[str], out_dir: Path, psf_path: Path, fmt: str, quality: int,
+                 threads: int | None) -> int:
+    """``deblur predict --psf``: non-blind deconvolution of every input with one known PSF."""
+    from deblur.psf.deconvolve import deconvolve
+    from deblur.psf.io import load_psf
+
+    psf = load_psf(psf_path)   # a bad PSF stops the command before any output
+    jobs = _prepare(inputs, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = restore_all(jobs, lambda rgb: deconvolve(rgb, psf, workers=threads), out_dir, fmt, quality)
+    return _summarise(report, len(jobs), out_dir, f"non-blind deconvolution with {psf_path}, {psf.shape[1]}x"
+                                                  f"{psf.shape[0]} px")
+
+
+def _prepare(inputs: list[str], out_dir: Path) -> list[Job]:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PredictError(f"-o {out_dir}: exists and is not a folder")
+    return collect_inputs(inputs)
+
+
+def _summarise(report: Report, total: int, out_dir: Path, how: str) -> int:
+    print(f"deblur: {len(report.written)} of {total} images written to {out_dir} ({how})")
     for source, why in report.failed:
         print(f"skipped {source}: {why}", file=sys.stderr)
     return 1 if report.failed else 0

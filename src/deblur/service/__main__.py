@@ -1,3 +1,7 @@
-from deblur.service.server import main
+from deblur.runtime_env import prefer_passive_openmp
+
+prefer_passive_openmp()   # before anything can import torch (deblur.runtime_env)
+
+from deblur.service.server import main  # noqa: E402
 
 main()

@@ -4,6 +4,7 @@ per-request cancel flags and deadlines, the SIGTERM drain, and the memory budget
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import threading
 import time
@@ -45,24 +46,59 @@ class InferenceGate:
         with self._lock:
             self.admitted -= 1
 
-    async def run(self, fn: Callable, *args):
-        """``fn(*args)`` on an inference thread, once one is free."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+    async def run(self, fn: Callable, *args, stop_waiting: asyncio.Event | None = None):
+        """``fn(*args)`` on an inference thread, once one is free. When ``stop_waiting`` is set while it
+        still waits for a thread, it is taken out of the queue and ``NotStarted`` is raised at once; once
+        started it runs on (``fn`` stops itself, see ``RequestControl``)."""
+        future = self._executor.submit(functools.partial(fn, *args))
+        result = asyncio.wrap_future(future)
+        if stop_waiting is None:
+            return await result
+        stop = asyncio.ensure_future(stop_waiting.wait())
+        try:
+            await asyncio.wait((result, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not result.done() and future.cancel():   # still queued: it will never run
+            raise NotStarted()
+        return await result
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+class NotStarted(Exception):
+    """A queued request was taken out of the inference queue before it started (``InferenceGate.run``)."""
+
+
 class Shutdown:
-    """SIGTERM seen: stop admitting, give running work ``grace`` seconds, then stop it."""
+    """SIGTERM seen: stop admitting, answer queued work at once, give running work ``grace`` seconds, then stop it."""
 
     def __init__(self, grace_seconds: float) -> None:
         self.grace = grace_seconds
         self.since: float | None = None
+        self._began = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def begin(self) -> None:
+        """From the SIGTERM handler (or the server's shutdown): wakes every request waiting in the queue."""
         if self.since is None:
             self.since = time.monotonic()
+        loop, began = self._loop, self._began
+        if loop is not None and not began.is_set():
+            try:
+                loop.call_soon_threadsafe(began.set)
+            except RuntimeError:   # the loop is closed: nobody waits any more
+                pass
+
+    def began(self) -> asyncio.Event:
+        """An event of the running loop, set once ``begin()`` has been called (call it on that loop)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:    # a new loop (an app served again, e.g. by another test client)
+            self._loop, self._began = loop, asyncio.Event()
+        if self.since is not None:
+            self._began.set()
+        return self._began
 
     @property
     def draining(self) -> bool:
@@ -144,12 +180,27 @@ def check_expected_time(speed: SpeedModel, width: int, height: int, serving: Ser
 
 
 class MemoryBudget:
-    """Bytes held for requests across the worker (``serving.max_buffered_mb``): bodies being read, decoded pixels."""
+    """Bytes held for requests across the worker (``serving.max_buffered_mb``): bodies being read, decoded pixels.
+
+    A body holds the bytes that have arrived, never what its ``Content-Length`` promises: a client that
+    sends headers and nothing more holds nothing (``receiving`` counts such requests, for /api/health).
+    """
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit = int(limit_bytes)
         self.used = 0
+        self.receiving = 0       # requests whose body is being read now
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def receiving_body(self):
+        with self._lock:
+            self.receiving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.receiving -= 1
 
     def try_take(self, nbytes: int) -> bool:
         with self._lock:
@@ -178,15 +229,28 @@ class Reservation:
         extra = int(nbytes) - self.held
         if extra <= 0:
             return
-        limit_mb = self.budget.limit / 2**20
+        self._never_fits(nbytes, what, never_fits)
+        if not self.budget.try_take(extra):
+            raise self._busy(what)
+        self.held += extra
+
+    def check_room(self, nbytes: int, what: str = "request bodies") -> None:
+        """Refuse now (503 ``busy``, or 413 over the whole budget) a body of ``nbytes`` that could not be held
+        if it arrived at once; holds nothing: the bytes are covered as they arrive (``cover``)."""
+        self._never_fits(nbytes, what, None)
+        if self.budget.used + max(int(nbytes) - self.held, 0) > self.budget.limit:
+            raise self._busy(what)
+
+    def _never_fits(self, nbytes: int, what: str, never_fits: ApiError | None) -> None:
         if nbytes > self.budget.limit:
             raise never_fits or ApiError(413, "payload_too_large", f"{what}: {nbytes / 2**20:.1f} MB can never fit "
-                                         f"the {limit_mb:g} MB budget of serving.max_buffered_mb; send a smaller file")
-        if not self.budget.try_take(extra):
-            raise ApiError(503, "busy", f"the server holds too much data now ({what}: the "
-                           f"{limit_mb:g} MB budget of serving.max_buffered_mb is in use); retry in a few seconds",
-                           headers={"Retry-After": "5"})
-        self.held += extra
+                                         f"the {self.budget.limit / 2**20:g} MB budget of serving.max_buffered_mb; "
+                                         "send a smaller file")
+
+    def _busy(self, what: str) -> ApiError:
+        return ApiError(503, "busy", f"the server holds too much data now ({what}: the "
+                        f"{self.budget.limit / 2**20:g} MB budget of serving.max_buffered_mb is in use); retry in a "
+                        "few seconds", headers={"Retry-After": "5"})
 
     def close(self) -> None:
         if self.held:

@@ -28,6 +28,7 @@ from deblur.service.admission import (
     BYTES_PER_PIXEL,
     InferenceGate,
     MemoryBudget,
+    NotStarted,
     RequestCancelled,
     RequestControl,
     Shutdown,
@@ -132,7 +133,7 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
             "admission": {
                 "speed": speed_report,
                 "memory": {"budget_mb": budget.limit / 2**20, "used_mb": round(budget.used / 2**20, 3),
-                           "bytes_per_pixel": BYTES_PER_PIXEL},
+                           "bytes_per_pixel": BYTES_PER_PIXEL, "receiving_bodies": budget.receiving},
                 "draining": shutdown.draining,
             },
             "accepted_formats": list(ACCEPTED_FORMATS),
@@ -152,8 +153,9 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
         with budget.reservation() as reservation:
             declared = request.headers.get("content-length", "").strip()
             if declared.isdigit() and int(declared) <= serving.max_body_mb * 2**20:   # larger: read_body's 413
-                reservation.cover(int(declared))      # before a byte of the body is read
-            body = await read_body(request, serving, reservation)   # chunked bodies: held as they arrive
+                reservation.check_room(int(declared))   # 503 before the body is sent when it could not be held now
+            with budget.receiving_body():
+                body = await read_body(request, serving, reservation)   # held as the bytes arrive, not before
             data = await image_bytes(request, body)
             reservation.cover(len(body) + (len(data) if data is not body else 0))
             width, height = probe(data, serving)
@@ -171,7 +173,9 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
             watcher = asyncio.create_task(_cancel_on_disconnect(request, control))
             try:
                 result = await gate.run(process_image, holder, serving, data, fmt, tile_size, overlap,
-                                        time.perf_counter(), sampling, control)
+                                        time.perf_counter(), sampling, control, stop_waiting=shutdown.began())
+            except NotStarted:   # SIGTERM while it waited for the inference thread: answered now, not after the grace
+                raise shutting_down() from None
             except RequestCancelled as err:
                 log.info("cancelled after %.1f s: %s", time.monotonic() - arrived, err)
                 return Response(status_code=499)   # nginx's 'client closed request'; nobody reads it

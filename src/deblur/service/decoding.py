@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import io
 from typing import TYPE_CHECKING
+from urllib.parse import unquote_plus
 
 from fastapi import Request
 from PIL import Image, UnidentifiedImageError
@@ -30,6 +31,8 @@ OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 UPLOAD_FIELD = "image"
+KEY_HEADER = "x-functions-key"   # the API key, as Azure Functions names it
+KEY_PARAMETER = "code"            # ... or in the query, spelled exactly so
 MAX_SEED = 2**63 - 1   # ?seed= bound, = deblur.diffusion.refiner.MAX_SEED (not imported: parsing needs no torch)
 # How each accepted format starts (Pillow's own checks): a body that starts like one but that
 # Pillow cannot open is a corrupt image (400), not an unsupported one (415).
@@ -51,12 +54,54 @@ Image.init()  # register every Pillow plugin, so Image.open(formats=ACCEPTED_FOR
 
 
 def check_api_key(request: Request, api_key: str | None) -> None:
+    """The key must come in the ``x-functions-key`` header or as ``?code=``, spelled exactly as Azure does.
+
+    Starlette decodes parameter names, so ``?%63ode=`` or ``?CODE=`` would otherwise read as the key while
+    the log redaction (deblur.service.logs) and Azure's own key check see another name: any such
+    spelling is refused with 401, as is a second ``code``.
+    """
     if api_key is None:
         return
-    given = request.headers.get("x-functions-key") or request.query_params.get("code") or ""
+    in_query = query_key(request)   # first: a misnamed key is refused even beside a right header
+    given = request.headers.get(KEY_HEADER) or in_query or ""
     if not hmac.compare_digest(given.encode(), api_key.encode()):
-        raise ApiError(401, "unauthorized", "this server needs an API key: send it in the x-functions-key "
-                       "header or as ?code=")
+        raise ApiError(401, "unauthorized", f"this server needs an API key: send it in the {KEY_HEADER} "
+                       f"header or as ?{KEY_PARAMETER}=")
+
+
+def query_key(request: Request) -> str | None:
+    """The value of the one query parameter named exactly ``code`` (None if there is none).
+
+    401 ``unauthorized`` for a parameter whose name only decodes or case-folds to ``code``
+    (``%63ode``, ``CODE``, ``c%6fde``) and for more than one ``code``: the key has one name.
+    """
+    values = []
+    for name, value in raw_query_items(request.scope.get("query_string", b"")):
+        if name == KEY_PARAMETER:
+            values.append(unquote_plus(value))
+        elif unquote_plus(name).strip().lower() == KEY_PARAMETER:
+            shown = name if len(name) <= 40 else name[:40] + "..."
+            raise ApiError(401, "unauthorized", f"the query parameter {shown!r} is not how the key is sent: name it "
+                           f"'{KEY_PARAMETER}' exactly (lower case, not percent-encoded), or send the key in the "
+                           f"{KEY_HEADER} header")
+    if len(values) > 1:
+        raise ApiError(401, "unauthorized", f"the query has {len(values)} '{KEY_PARAMETER}' parameters: send the "
+                       "key once")
+    return values[0] if values else None
+
+
+def exact_query_key(request: Request) -> str | None:
+    """``query_key`` without the refusals: the exactly named ``code``, else None (for pages that pass it on)."""
+    try:
+        return query_key(request)
+    except ApiError:
+        return None
+
+
+def raw_query_items(query_string: bytes) -> list[tuple[str, str]]:
+    """``(name, value)`` of each ``&``-separated query parameter as sent: nothing decoded."""
+    text = query_string.decode("latin-1")
+    return [(piece.partition("=")[0], piece.partition("=")[2]) for piece in text.split("&") if piece]
 
 
 def output_format(request: Request) -> str:

@@ -9,6 +9,7 @@ routes that can answer it when that is not just ``POST /api/deblur``).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -35,7 +36,9 @@ class ErrorCode:
 
 
 ERROR_CODES: dict[str, ErrorCode] = {
-    "bad_request": ErrorCode(400, "a malformed request, e.g. an invalid `Content-Length` header"),
+    "bad_request": ErrorCode(400, "a malformed request: not valid HTTP/1.1 (e.g. `Content-Length: abc`, an "
+                                  "illegal header line), answered before any route with `Connection: close`",
+                             routes=(EVERY_ROUTE,)),
     "empty_body": ErrorCode(400, "no bytes, or an empty multipart file"),
     "missing_field": ErrorCode(400, "a multipart form without an `image` file"),
     "invalid_multipart": ErrorCode(400, "a multipart form that cannot be parsed: no boundary, broken framing, "
@@ -98,6 +101,13 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, detail: str, headers: dict | None = None) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+
+def error_body(err: ApiError) -> bytes:
+    """The JSON body of ``err``, for answers written below the app (deblur.service.server)."""
+    if not is_catalogued(err.status, err.code):
+        log.warning("error code %r with status %d is not in deblur.service.errors.ERROR_CODES", err.code, err.status)
+    return json.dumps({"error": err.code, "detail": err.detail}).encode()
 
 
 def error_response(status: int, code: str, detail: str, headers: dict | None = None) -> JSONResponse:

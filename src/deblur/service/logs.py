@@ -5,8 +5,12 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from urllib.parse import unquote_plus
 
-SECRET_QUERY = re.compile(r"([?&](?:code|key|api_key|sig)=)[^&\s\"]*", re.IGNORECASE)
+SECRET_NAMES = frozenset({"code", "key", "api_key", "sig"})
+# a query parameter in a logged URL: separator, name as sent, value as sent (up to the next & or space,
+# as Starlette reads it: a key may contain ; # or ")
+QUERY_PARAMETER = re.compile(r"([?&])([^=&?\s]*)=([^&\s]*)")
 
 
 class RedactSecrets(logging.Filter):
@@ -23,8 +27,28 @@ class RedactSecrets(logging.Filter):
 
 
 def redact(value: object) -> object:
-    """``value`` with the keys in its query strings masked (non-strings unchanged)."""
-    return SECRET_QUERY.sub(r"\1***", value) if isinstance(value, str) else value
+    """``value`` with the keys in its query strings masked (non-strings unchanged).
+
+    A parameter is a key when its name, percent-decoded (repeatedly) and case-folded, is one of
+    ``SECRET_NAMES``: Starlette decodes names, so ``?%63ode=`` and ``?CODE=`` are masked as ``?code=`` is.
+    """
+    return QUERY_PARAMETER.sub(_mask, value) if isinstance(value, str) else value
+
+
+def _mask(match: re.Match) -> str:
+    return f"{match[1]}{match[2]}=***" if secret_name(match[2]) else match[0]
+
+
+def secret_name(name: str) -> bool:
+    """Whether the query parameter ``name`` (as sent) names a key once decoded, in any case."""
+    for _ in range(4):
+        decoded = unquote_plus(name)
+        if decoded.strip().lower() in SECRET_NAMES:
+            return True
+        if decoded == name:
+            return False
+        name = decoded
+    return True   # still percent-encoded after four rounds: mask rather than guess
 
 
 def uvicorn_log_config() -> dict:

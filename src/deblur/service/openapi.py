@@ -23,7 +23,8 @@ from fastapi.responses import HTMLResponse, Response
 from PIL import Image
 
 from deblur.config import ServingConfig, TilingConfig
-from deblur.service.decoding import ACCEPTED_FORMATS, MAX_SEED, MEDIA_TYPES, OUTPUT_FORMATS, UPLOAD_FIELD
+from deblur.service.decoding import ACCEPTED_FORMATS, MAX_SEED, MEDIA_TYPES, OUTPUT_FORMATS, UPLOAD_FIELD, \
+    exact_query_key
 from deblur.service.errors import DEBLUR_ROUTE, ERROR_CODES, NO_ROUTE, ApiError, codes_for
 
 log = logging.getLogger("deblur.service")
@@ -51,7 +52,7 @@ def add_api_docs(app: FastAPI) -> None:
 
     @app.get(DOCS_URL, include_in_schema=False)
     def docs(request: Request) -> HTMLResponse:
-        key = request.query_params.get("code")
+        key = exact_query_key(request)   # only a ?code= spelled so is passed on (see check_api_key)
         suffix = f"?code={quote(key, safe='')}" if key else ""   # quoted: safe inside the HTML and the JS string
         return get_swagger_ui_html(
             openapi_url=f"{app.openapi_url}{suffix}", title=f"{app.title} API",
@@ -182,8 +183,12 @@ HEALTH_SCHEMA = {
                       "properties": {
                           "speed": {"type": "object", "description": "the speed model behind `image_too_slow`"},
                           "memory": {"type": "object", "description": "the `serving.max_buffered_mb` budget",
-                                     "properties": {name: {"type": "number"}
-                                                    for name in ("budget_mb", "used_mb", "bytes_per_pixel")}},
+                                     "properties": {
+                                         **{name: {"type": "number"}
+                                            for name in ("budget_mb", "used_mb", "bytes_per_pixel")},
+                                         "receiving_bodies": {"type": "integer", "minimum": 0,
+                                                              "description": "requests whose body is being read: "
+                                                              "they hold only the bytes that arrived"}}},
                           "draining": {"type": "boolean", "description": "SIGTERM received: admitting nothing"},
                       }},
         "accepted_formats": {"type": "array", "items": {"type": "string"}},

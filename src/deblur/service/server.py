@@ -6,12 +6,15 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 
 import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, H11Protocol
 
 from deblur.config import ServingConfig
+from deblur.runtime_env import prefer_passive_openmp
+from deblur.service.errors import ApiError, error_body
 from deblur.service.logs import RedactSecrets, uvicorn_log_config
 
 log = logging.getLogger("deblur.service")
@@ -30,11 +33,26 @@ def restart_with_malloc_settings(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "deblur.service", *argv], env)
 
 
+PARSED_BYTES = re.compile(r": (?:bytearray|bytes)?\(?b['\"].*$", re.DOTALL)   # h11 quotes the offending line
 BODY_GRACE_SECONDS = 1.0  # the app answers a late body with 408 first; this cuts bodies no route reads
 
 
+class ErrorRememberingConnection(h11.Connection):
+    """h11's server connection, remembering the protocol error it raised (uvicorn's handler drops it)."""
+
+    protocol_error: h11.RemoteProtocolError | None = None
+
+    def next_event(self):
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as err:
+            self.protocol_error = err
+            raise
+
+
 class SlowClientTimeouts(H11Protocol):
-    """uvicorn's HTTP/1.1 connection with deadlines for a request being received (uvicorn has none).
+    """uvicorn's HTTP/1.1 connection with deadlines for a request being received (uvicorn has none),
+    and the project's JSON error for a request that is not valid HTTP/1.1 (uvicorn answers plain text).
 
     Headers: the request line and headers must be complete ``header_timeout`` seconds after the
     connection opens, or after the first byte of the next request on a kept-alive connection
@@ -46,6 +64,25 @@ class SlowClientTimeouts(H11Protocol):
 
     header_timeout = 10.0
     body_timeout = 120.0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        size = self.config.h11_max_incomplete_event_size
+        self.conn = ErrorRememberingConnection(h11.SERVER, DEFAULT_MAX_INCOMPLETE_EVENT_SIZE if size is None else size)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 cannot parse (e.g. ``Content-Length: abc``), as JSON ``bad_request``."""
+        err = self.conn.protocol_error
+        why = PARSED_BYTES.sub("", str(err)) if err is not None else msg.rstrip(".")   # never echo request bytes
+        error = ApiError(400, "bad_request", f"the request is not valid HTTP/1.1 ({why}); it was not processed and "
+                         "the connection is closed: send a well-formed request")
+        body = error_body(error)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
@@ -105,6 +142,7 @@ def timed_protocol(serving: ServingConfig) -> type[SlowClientTimeouts]:
 
 def main(argv: list[str] | None = None) -> None:
     """Serve the app with uvicorn on one worker."""
+    prefer_passive_openmp()   # before the model (and torch) loads; also kept across the malloc restart below
     import uvicorn
 
     from deblur.service.app import create_app

@@ -122,7 +122,8 @@ def record_in_registry(params: Params, info: dict, decision: Decision, evidence:
                      "base_model_version": base.get("version") or "none (a checkpoint file)",
                      "base_model_source": base["source"]}
     else:
-        model_uri = log_deblur_model(info["checkpoint"], params.tiling, max_pixels=params.serving.max_pixels)
+        model_uri = log_deblur_model(info["checkpoint"], params.tiling, max_pixels=params.serving.max_pixels,
+                                     kernel_aware=params.kernel_aware)
     tags = {"git_commit": tracking.git_commit(), "data_hash": info["data_hash"], "params_digest": info["params_digest"],
             "train_run_id": info["run_id"], "test_psnr": round(sum(evidence.challenger.psnr) / len(evidence.challenger.psnr), 4),
             "test_input_psnr": round(sum(evidence.input.psnr) / len(evidence.input.psnr), 4),

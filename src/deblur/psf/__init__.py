@@ -1,0 +1,1 @@
+"""Kernel-aware restoration: PSF input/output, non-blind deconvolution, blind kernel estimation."""

@@ -1,0 +1,166 @@
+"""Thorough mode (deblur.psf.restore): candidates, the evidence-based choice, registration to the input,
+its place in evaluation, and the pyfunc's ``mode`` param and ``psf`` column. Real photos, real kernels."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import skimage.data
+from conftest import ROOT
+from mlflow.exceptions import MlflowException
+from PIL import Image
+
+from deblur.config import load_params
+from deblur.data.blur import BlurSpec, apply_blur, motion_kernel
+from deblur.data.pairs import PairRecord
+from deblur.evaluation import evaluate_model
+from deblur.imageio import write_png
+from deblur.metrics import psnr
+from deblur.psf.estimate import KernelEstimate
+from deblur.psf.restore import centroid_offset, choose, network_at_scale, register_to_input, restore_thorough, \
+    restore_with_psf
+
+PARAMS = load_params(ROOT / "params.yaml")
+CFG = PARAMS.kernel_aware
+
+
+def identity(rgb: np.ndarray) -> np.ndarray:
+    """A network that changes nothing: the thorough mode's own work is then all that moves pixels."""
+    return rgb.copy()
+
+
+def shaken(sharp: np.ndarray, seed: int, low: int = 11, high: int = 17) -> tuple[np.ndarray, np.ndarray]:
+    """``sharp`` blurred (linear light, noise 0.002) by a seeded camera-shake kernel with a side in [low, high]."""
+    rng = np.random.default_rng(seed)
+    motion = PARAMS.synthesize.motion.model_copy(update={"min_kernel_size": low, "max_kernel_size": high})
+    kernel, _ = motion_kernel(rng, motion)
+    return apply_blur(sharp, BlurSpec("motion", kernel, {"noise_sigma": 0.002}), PARAMS.synthesize, rng), kernel
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    return np.ascontiguousarray(skimage.data.astronaut()[40:296, 120:376])
+
+
+def test_thorough_mode_estimates_the_shake_and_deconvolves_it(astronaut):
+    blurred, kernel = shaken(astronaut, seed=3)
+    result, made = restore_thorough(blurred, identity, CFG, all_candidates=True)
+    assert result.chosen == "kernel", result.evidence
+    gain = psnr(result.image, astronaut) - psnr(blurred, astronaut)
+    assert gain >= 3.0, (gain, result.evidence)
+    assert result.psf is not None and result.psf.shape[0] % 2 == 1 and abs(result.psf.sum() - 1) < 1e-5
+    assert set(made) == {"kernel", "network", "network_half", "network_quarter", "input"}
+    # registered to the input: no integer shift of the output scores better
+    shifts = {(dy, dx): psnr(np.roll(result.image, (dy, dx), axis=(0, 1))[8:-8, 8:-8], astronaut[8:-8, 8:-8])
+              for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    assert max(shifts, key=shifts.get) == (0, 0), shifts
+
+
+def test_a_sharp_photo_is_left_to_the_network(astronaut):
+    result, _ = restore_thorough(astronaut, identity, CFG)
+    assert result.chosen != "kernel", result.evidence
+    assert psnr(result.image, astronaut) >= 40.0
+
+
+def test_small_photos_get_the_network_only():
+    small = np.ascontiguousarray(skimage.data.astronaut()[:40, :40])
+    result, made = restore_thorough(small, lambda rgb: rgb // 2, CFG)
+    assert result.chosen == "network" and result.estimate is None and np.array_equal(result.image, small // 2)
+
+
+def test_a_coarse_scale_carries_the_network_residual_up():
+    rgb = np.full((64, 96, 3), 100, np.uint8)
+    out = network_at_scale(rgb, lambda small: small + 10, 2)
+    assert out.shape == rgb.shape and np.all(out == 110)
+    assert np.array_equal(network_at_scale(rgb, lambda small: small + 3, 1), rgb + 3)
+
+
+def test_the_output_is_moved_by_the_kernels_centroid_offset(astronaut):
+    blurred, kernel = shaken(astronaut, seed=5)
+    moved = np.roll(np.pad(kernel, 4), 3, axis=1)   # the same blur, its array centre 3 px off
+    assert centroid_offset(moved)[1] == pytest.approx(3.0 + centroid_offset(kernel)[1], abs=1e-4)
+    plain = restore_with_psf(blurred, moved)
+    registered = register_to_input(plain, moved)
+    truth = restore_with_psf(blurred, kernel)
+    assert psnr(registered[8:-8, 8:-8], truth[8:-8, 8:-8]) > psnr(plain[8:-8, 8:-8], truth[8:-8, 8:-8]) + 10
+
+
+def _estimate(support: int, confidence: float) -> KernelEstimate:
+    return KernelEstimate(kernel=np.ones((1, 1), np.float32), support=support, crop_kernels=(), crop_boxes=(),
+                          crop_agreement=confidence, reblur_residual=0.0, confidence=confidence, seconds=0.0)
+
+
+@pytest.mark.parametrize(("support", "confidence", "chosen"), [
+    (1, 0.99, "network"),                   # near-delta: a sharp photo
+    (15, CFG.min_confidence, "kernel"),     # confident
+    (15, CFG.min_confidence - 0.01, "network"),
+    (CFG.half_scale_from, 0.1, "network_half"),
+    (CFG.quarter_scale_from, 0.1, "network_quarter"),
+])
+def test_the_choice_follows_the_evidence(support, confidence, chosen):
+    picked, evidence = choose(_estimate(support, confidence), CFG)
+    assert picked == chosen and evidence["reason"] and evidence["support_px"] == support
+
+
+def test_evaluation_scores_the_served_mode_and_the_kernel(tmp_path, astronaut):
+    blurred, kernel = shaken(astronaut, seed=3)
+    write_png(tmp_path / "sharp.png", astronaut)
+    write_png(tmp_path / "blur.png", blurred)
+    np.save(tmp_path / "k.npy", kernel)
+    record = PairRecord("a_0", tmp_path / "sharp.png", tmp_path / "blur.png", "motion", tmp_path / "k.npy",
+                        "skimage", "a", kernel.shape[0])
+    import torch
+
+    scores = {}
+    for mode in ("fast", "thorough"):
+        cfg = CFG.model_copy(update={"default_mode": mode})
+        result = evaluate_model(torch.nn.Identity(), [record], PARAMS.tiling, PARAMS.evaluate, PARAMS.synthesize.gamma,
+                                with_baseline=False, kernel_aware=cfg)
+        scores[mode] = result.images[0].scores
+    fast, thorough = scores["fast"], scores["thorough"]
+    assert fast["model_psnr"] == pytest.approx(fast["input_psnr"], abs=0.05)       # the identity network
+    assert thorough["model_psnr"] == pytest.approx(thorough["thorough_psnr"])      # served = thorough
+    assert fast["thorough_psnr"] == pytest.approx(thorough["thorough_psnr"])       # scored in both modes
+    assert thorough["thorough_psnr"] > thorough["input_psnr"] + 3
+    assert thorough["nonblind_psnr"] > thorough["input_psnr"] + 4                  # the true-PSF ceiling
+    assert thorough["kernel_ncc"] >= 0.85
+
+
+@pytest.mark.slow
+def test_the_pyfunc_takes_a_mode_and_a_psf_column(tmp_path, mlflow_uri, astronaut):
+    from serving_support import make_checkpoint
+
+    from deblur.config import TilingConfig
+    from deblur.imageio import encode_image
+    from deblur.mlflow_model import log_deblur_model
+    from deblur.psf.io import psf_to_png_bytes
+
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt", "stacked_conv", channels=8, depth=2)
+    tiling = TilingConfig.model_validate({"tile_size": 128, "overlap": 16, "batch_size": 2})
+    mlflow.set_experiment("kernel-aware")
+    with mlflow.start_run():
+        uri = log_deblur_model(ckpt, tiling, max_pixels=4_000_000, kernel_aware=CFG)
+    model = mlflow.pyfunc.load_model(uri)
+    blurred, kernel = shaken(astronaut, seed=3)
+    png = base64.b64encode(encode_image(blurred, "PNG")).decode("ascii")
+    npy = io.BytesIO()
+    np.save(npy, kernel)
+    for psf_bytes in (npy.getvalue(), psf_to_png_bytes(kernel)):
+        psf = base64.b64encode(psf_bytes).decode("ascii")
+        rows = model.predict(pd.DataFrame({"image": [png]}), params={"psf": psf})["image"]
+        with_psf = np.asarray(Image.open(io.BytesIO(base64.b64decode(rows[0]))))
+        assert psnr(with_psf, astronaut) > psnr(blurred, astronaut) + 4   # non-blind with the user's PSF
+    fast = model.predict(blurred, params={"mode": "fast"})
+    assert abs(psnr(fast, astronaut) - psnr(blurred, astronaut)) < 3     # a random tiny net: no deconvolution
+    thorough = model.predict(blurred, params={"mode": "thorough"})
+    assert psnr(thorough, astronaut) > psnr(blurred, astronaut) + 3
+    with pytest.raises(MlflowException, match="mode"):
+        model.predict(blurred, params={"mode": "slow"})
+    with pytest.raises(MlflowException, match="params psf"):
+        model.predict(blurred, params={"psf": base64.b64encode(b"not a psf").decode("ascii")})
