@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality_speed import HELD_OUT_DIR, bucket_photos, centre_crop, shake_bucket_set  # noqa: E402
 
 from deblur.config import load_params  # noqa: E402
-from deblur.data.ingest import downscale  # noqa: E402
+from deblur.data.ingest import EMBEDDED_PHOTOS, downscale  # noqa: E402
 from deblur.evaluation import kernel_buckets  # noqa: E402
 from deblur.metrics import psnr  # noqa: E402
 from deblur.psf.deconvolve import deconvolve  # noqa: E402
@@ -44,15 +44,8 @@ CALIBRATION_SEED = 4321
 
 def training_photos(params, max_side: int, crop: int) -> dict[str, np.ndarray]:
     """The embedded source's train/val photos (never the held-out ones): for calibrating the selector."""
-    import skimage.data
-
     names = [n for n in params.ingest.embedded.photos if n not in params.ingest.embedded.test_photos]
-    photos = {}
-    for name in names:
-        rgb = getattr(skimage.data, name)()
-        rgb = np.stack([rgb] * 3, axis=-1) if rgb.ndim == 2 else rgb[..., :3]
-        photos[name] = centre_crop(downscale(rgb, max_side), crop)
-    return photos
+    return {name: centre_crop(downscale(EMBEDDED_PHOTOS[name](), max_side), crop) for name in names}
 
 
 def run_cases(data, network, cfg, gamma) -> list[dict]:

@@ -124,15 +124,28 @@ def plot_kernels(picked: list[tuple[str, np.ndarray, dict[str, tuple[np.ndarray,
     for ax in np.ravel(axes):
         ax.axis("off")
     for ax, (name, truth, estimates) in zip(np.ravel(axes), picked):
-        panels = [kernel_image(truth, 72)] + [kernel_image(k, 72) for k, _ in estimates.values()]
+        canvas = max([truth.shape[0]] + [k.shape[0] for k, _ in estimates.values()])
+        panels = [kernel_image(_pad_to(k, canvas), 72) for k in [truth] + [k for k, _ in estimates.values()]]
         gap = np.full((72, 4, 3), 80, np.uint8)
         ax.imshow(np.hstack([p for panel in panels for p in (panel, gap)][:-1]))
         ax.set_title(f"{name}\ntrue | " + " | ".join(f"{v} {ncc:.2f}" for v, (_, ncc) in estimates.items()),
                      fontsize=7)
-    fig.suptitle("True kernel vs blind estimates (kernel NCC); kernels scaled to the same panel size", fontsize=9)
+    fig.suptitle("True kernel vs blind estimates (kernel NCC); each case on one common canvas", fontsize=9)
     fig.tight_layout()
     IMG.mkdir(parents=True, exist_ok=True)
     fig.savefig(IMG / "kernels_estimated_vs_true.png", dpi=110)
+
+
+def _pad_to(kernel: np.ndarray, side: int) -> np.ndarray:
+    out = np.zeros((side, side), np.float32)
+    top = (side - kernel.shape[0]) // 2
+    out[top:top + kernel.shape[0], top:top + kernel.shape[1]] = kernel
+    return out
+
+
+def picked_case(index: int) -> bool:
+    """Every fifth case goes into the picture (12 at most)."""
+    return index % 5 == 0 and index // 5 < 12
 
 
 def main() -> int:
@@ -148,6 +161,8 @@ def main() -> int:
                         help="network for the latent ('' to skip that variant)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=0, help="first N photos only (a quick look)")
+    parser.add_argument("--picture-only", action="store_true",
+                        help="estimate the pictured cases only and redraw the picture (results files untouched)")
     args = parser.parse_args()
     params = load_params(args.params)
     gamma = params.synthesize.gamma
@@ -162,14 +177,19 @@ def main() -> int:
 
     per_case, picked = {}, []
     for index, ((name, label), (blurred, sharp, truth)) in enumerate(sorted(data.items())):
+        if args.picture_only and not picked_case(index):
+            continue
         estimates = {}
         for variant, latent_fn in variants.items():
             estimate = estimate_kernel(blurred, args.max_kernel_size, latent_fn=latent_fn, settings=settings)
             per_case[f"{variant}|{name}|{label}"] = score_case(blurred, sharp, truth, estimate, gamma)
             estimates[variant] = (estimate.kernel, per_case[f"{variant}|{name}|{label}"]["ncc"])
         print(name, label, {v: per_case[f"{v}|{name}|{label}"] for v in variants}, flush=True)
-        if index % 5 == 0 and len(picked) < 12:
+        if picked_case(index):
             picked.append((f"{name[:22]} {label} px", truth, estimates))
+    if args.picture_only:
+        plot_kernels(picked)
+        return 0
 
     summary = {variant: {label: summarise([c for key, c in per_case.items()
                                            if key.startswith(f"{variant}|") and key.endswith(f"|{label}")])

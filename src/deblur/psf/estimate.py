@@ -1,6 +1,6 @@
 """Blind kernel estimation: one camera-shake PSF from one blurred photo, coarse to fine.
 
-Method (documentation/kernel_aware_estimation.md), on linear-light luminance:
+Method (documentation/kernel_aware.md), on linear-light luminance:
 - a pyramid with a sqrt(2) step from a scale where the largest kernel is ``coarsest_kernel`` px to full
   resolution; coarse scales see the whole (downscaled) photo, finer ones several crops chosen by
   gradient energy, each refining its own copy of the kernel;

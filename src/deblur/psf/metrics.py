@@ -1,6 +1,6 @@
 """Comparing blur kernels: similarity up to a shift, Levin's error ratio, and centring by the support box.
 
-Conventions (documentation/kernel_aware_estimation.md):
+Conventions (documentation/kernel_aware.md):
 - ``kernel_ncc`` is the kernel similarity of Hu & Yang (ECCV 2012): the largest normalised
   cross-correlation <a shifted, b> / (|a| |b|) over every shift, kernels zero-padded. Kernels are
   non-negative, so it lies in [0, 1]; 1 means equal up to a shift and a factor.
