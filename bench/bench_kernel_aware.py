@@ -98,24 +98,27 @@ def bucket_table(rows: list[dict]) -> dict:
 
 
 def calibrate(rows: list[dict], cfg) -> list[dict]:
-    """Mean / worst gain over the input of the selector for each min_confidence threshold."""
-    from dataclasses import replace  # noqa: F401  (cfg is a pydantic model: model_copy)
-
+    """Mean / worst gain over the input of the selector for each (min_confidence, max_overshoot)."""
     from deblur.psf.estimate import KernelEstimate
 
     table = []
-    for threshold in np.round(np.arange(0.3, 1.001, 0.05), 2):
-        trial = cfg.model_copy(update={"min_confidence": float(threshold)})
-        gains = []
-        for r in rows:
-            ev = r["evidence"]
-            est = KernelEstimate(kernel=np.zeros((1, 1)), support=ev["support_px"], crop_kernels=(), crop_boxes=(),
-                                 crop_agreement=ev["crop_agreement"], reblur_residual=ev["reblur_residual"],
-                                 confidence=ev["confidence"], seconds=0.0)
-            chosen, _ = choose(est, trial)
-            gains.append(r["psnr"].get(chosen, r["psnr"]["network"]) - r["psnr"]["input"])
-        table.append({"min_confidence": float(threshold), "mean_gain": round(float(np.mean(gains)), 3),
-                      "worst_gain": round(float(np.min(gains)), 3), "below_0_5db": int(np.sum(np.array(gains) < -0.5))})
+    for threshold in np.round(np.arange(0.4, 0.951, 0.05), 2):
+        for overshoot in (0.02, 0.03, 0.05, 0.08, 1.0):
+            trial = cfg.model_copy(update={"min_confidence": float(threshold), "max_overshoot": overshoot})
+            gains = []
+            for r in rows:
+                ev = r["evidence"]
+                if "support_px" not in ev:
+                    gains.append(r["psnr"]["network"] - r["psnr"]["input"])
+                    continue
+                est = KernelEstimate(kernel=np.zeros((1, 1)), support=ev["support_px"], crop_kernels=(), crop_boxes=(),
+                                     crop_agreement=ev["crop_agreement"], reblur_residual=ev["reblur_residual"],
+                                     confidence=ev["confidence"], seconds=0.0)
+                chosen, _ = choose(est, trial, ev.get("overshoot"))
+                gains.append(r["psnr"].get(chosen, r["psnr"]["network"]) - r["psnr"]["input"])
+            table.append({"min_confidence": float(threshold), "max_overshoot": overshoot,
+                          "mean_gain": round(float(np.mean(gains)), 3), "worst_gain": round(float(np.min(gains)), 3),
+                          "below_0_5db": int(np.sum(np.array(gains) < -0.5))})
     return table
 
 
@@ -217,9 +220,10 @@ def main() -> int:
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     text = markdown(meta, table, speed)
     if args.calibrate:
-        text += "\n| min_confidence | mean gain | worst gain | photos < -0.5 dB |\n|---|---|---|---|\n" + "".join(
-            f"| {t['min_confidence']:.2f} | {t['mean_gain']:+.3f} | {t['worst_gain']:+.2f} | {t['below_0_5db']} |\n"
-            for t in out["thresholds"])
+        text += ("\n| min_confidence | max_overshoot | mean gain | worst gain | photos < -0.5 dB |\n"
+                 "|---|---|---|---|---|\n") + "".join(
+            f"| {t['min_confidence']:.2f} | {t['max_overshoot']:.2f} | {t['mean_gain']:+.3f} | {t['worst_gain']:+.2f} | "
+            f"{t['below_0_5db']} |\n" for t in out["thresholds"])
     else:
         kernel_picture(rows, IMG / "kernel_aware_kernels.png")
     (RESULTS / f"{name}.md").write_text(text)

@@ -385,6 +385,7 @@ class KernelAwareConfig(_Strict):
     crops: int = Field(ge=1, le=8)
     network_latent: bool
     min_confidence: float = Field(ge=0.0, le=1.0)
+    max_overshoot: float = Field(ge=0.0, le=1.0)
     sharp_support: int = Field(ge=1)
     half_scale_from: int = Field(ge=1)
     quarter_scale_from: int = Field(ge=1)

@@ -67,6 +67,16 @@ def deconvolve(rgb: np.ndarray, psf: np.ndarray, *, gamma: float = DEFAULT_GAMMA
     ``noise_sigma`` is the sensor noise std of ``rgb`` in [0, 1] units (estimated when None);
     ``lam`` overrides the noise-derived regularisation weight.
     """
+    return deconvolve_with_overshoot(rgb, psf, gamma=gamma, noise_sigma=noise_sigma, lam=lam, settings=settings,
+                                     workers=workers)[0]
+
+
+def deconvolve_with_overshoot(rgb: np.ndarray, psf: np.ndarray, *, gamma: float = DEFAULT_GAMMA,
+                              noise_sigma: float | None = None, lam: float | None = None,
+                              settings: Settings = Settings(), workers: int | None = None) -> tuple[np.ndarray, float]:
+    """``deconvolve``'s image and the share of its linear values outside [-0.01, 1.01] before clipping:
+    ringing, which a wrong kernel makes (measured: 0.10-0.14 for wrong camera-shake estimates, below 0.04
+    for right ones)."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected a uint8 HxWx3 image, got {rgb.dtype} {rgb.shape}")
     encoded = rgb.astype(np.float32) / 255.0
@@ -74,7 +84,8 @@ def deconvolve(rgb: np.ndarray, psf: np.ndarray, *, gamma: float = DEFAULT_GAMMA
     sigma = estimate_noise_sigma(encoded) if noise_sigma is None else noise_sigma
     sigma = linear_noise_sigma(encoded, max(sigma, QUANTISATION_SIGMA), gamma)
     restored = deconvolve_linear(linear, psf, noise_sigma=sigma, lam=lam, settings=settings, workers=workers)
-    return np.round(np.clip(restored, 0.0, 1.0) ** (1.0 / gamma) * 255.0).astype(np.uint8)
+    overshoot = float(np.mean((restored < -0.01) | (restored > 1.01)))
+    return np.round(np.clip(restored, 0.0, 1.0) ** (1.0 / gamma) * 255.0).astype(np.uint8), overshoot
 
 
 def deconvolve_linear(linear: np.ndarray, psf: np.ndarray, *, noise_sigma: float | None = None,

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from deblur.config import KernelAwareConfig
-from deblur.psf.deconvolve import deconvolve
+from deblur.psf.deconvolve import deconvolve, deconvolve_with_overshoot
 from deblur.psf.estimate import EstimatorSettings, KernelEstimate, estimate_kernel
 
 Network = Callable[[np.ndarray], np.ndarray]   # sRGB uint8 HxWx3 -> deblurred, same shape (the fast mode)
@@ -68,28 +68,38 @@ def network_scale_for(support: int, cfg: KernelAwareConfig) -> str:
     return "network"
 
 
-def choose(estimate: KernelEstimate, cfg: KernelAwareConfig) -> tuple[str, dict]:
-    """The candidate the evidence supports, and that evidence (JSON-ready)."""
+def choose(estimate: KernelEstimate, cfg: KernelAwareConfig, overshoot: float | None = None) -> tuple[str, dict]:
+    """The candidate the evidence supports, and that evidence (JSON-ready).
+
+    ``overshoot``: the kernel deconvolution's share of ringing values (``deconvolve_with_overshoot``);
+    None while it has not been computed (the kernel is then chosen on the estimate alone)."""
     evidence = {"support_px": int(estimate.support), "crop_agreement": round(float(estimate.crop_agreement), 4),
                 "reblur_residual": round(float(estimate.reblur_residual), 4),
                 "confidence": round(float(estimate.confidence), 4)}
+    if overshoot is not None:
+        evidence["overshoot"] = round(float(overshoot), 4)
     if estimate.support <= cfg.sharp_support:
         evidence["reason"] = f"near-delta kernel ({estimate.support} px): the photo looks sharp"
         return "network", evidence
-    if estimate.confidence >= cfg.min_confidence and estimate.support <= cfg.max_kernel_size:
-        evidence["reason"] = (f"confident kernel estimate (confidence {estimate.confidence:.2f} >= "
-                              f"{cfg.min_confidence})")
+    if estimate.confidence < cfg.min_confidence:
+        distrust = f"confidence {estimate.confidence:.2f} < {cfg.min_confidence}"
+    elif estimate.support >= cfg.max_kernel_size:
+        distrust = f"the kernel fills the whole {cfg.max_kernel_size} px window"
+    elif overshoot is not None and overshoot > cfg.max_overshoot:
+        distrust = f"its deconvolution rings ({overshoot:.1%} of values outside [0, 1] > {cfg.max_overshoot:.0%})"
+    else:
+        evidence["reason"] = f"kernel estimate trusted (confidence {estimate.confidence:.2f} >= {cfg.min_confidence})"
         return "kernel", evidence
     choice = network_scale_for(estimate.support, cfg)
-    evidence["reason"] = (f"kernel estimate not trusted (confidence {estimate.confidence:.2f} < {cfg.min_confidence}); "
-                          f"network at scale 1/{SCALE_OF[choice]} for a {estimate.support} px blur")
+    evidence["reason"] = (f"kernel estimate not trusted ({distrust}); network at scale 1/{SCALE_OF[choice]} "
+                          f"for a {estimate.support} px blur")
     return choice, evidence
 
 
 def restore_thorough(rgb: np.ndarray, network: Network, cfg: KernelAwareConfig, gamma: float = 2.2,
                      all_candidates: bool = False) -> tuple[ThoroughResult, dict[str, np.ndarray]]:
     """Thorough-mode restoration of one uint8 photo; with ``all_candidates`` every candidate is computed
-    (for evaluation and calibration), else only the chosen one. Returns the result and the candidates made."""
+    (for evaluation and calibration), else only what the choice needs. Returns the result and the candidates made."""
     seconds = {}
     start = time.perf_counter()
     if min(rgb.shape[:2]) < cfg.min_side:
@@ -99,20 +109,27 @@ def restore_thorough(rgb: np.ndarray, network: Network, cfg: KernelAwareConfig, 
     estimate = estimate_kernel(rgb, cfg.max_kernel_size, latent_fn=network if cfg.network_latent else None,
                                settings=EstimatorSettings(crop_size=cfg.crop_size, crops=cfg.crops, gamma=gamma))
     seconds["estimate"] = estimate.seconds
-    chosen, evidence = choose(estimate, cfg)
-    wanted = list(CANDIDATES) if all_candidates else [chosen]
     made: dict[str, np.ndarray] = {}
-    for name in wanted:
+    chosen, evidence = choose(estimate, cfg)
+    overshoot = None
+    if chosen == "kernel" or all_candidates:
+        t = time.perf_counter()
+        deconvolved, overshoot = deconvolve_with_overshoot(rgb, estimate.kernel, gamma=gamma)
+        made["kernel"] = register_to_input(deconvolved, estimate.kernel)
+        seconds["kernel"] = time.perf_counter() - t
+        chosen, evidence = choose(estimate, cfg, overshoot)
+    for name in (CANDIDATES if all_candidates else [chosen]):
+        if name in made:
+            continue
         t = time.perf_counter()
         if name == "input":
             made[name] = rgb
-        elif name == "kernel":
-            made[name] = register_to_input(deconvolve(rgb, estimate.kernel, gamma=gamma), estimate.kernel)
         elif min(rgb.shape[:2]) // SCALE_OF[name] >= MIN_SCALED_SIDE:
             made[name] = network_at_scale(rgb, network, SCALE_OF[name])
         seconds[name] = time.perf_counter() - t
     if chosen not in made:   # a coarse scale on a photo too small for it
-        chosen, made["network"] = "network", made.get("network", network(rgb))
+        chosen = "network"
+        made.setdefault("network", network(rgb))
     seconds["total"] = time.perf_counter() - start
     return ThoroughResult(made[chosen], chosen, estimate, evidence, seconds), made
 
