@@ -96,15 +96,18 @@ def _estimate(support: int, confidence: float) -> KernelEstimate:
                           crop_agreement=confidence, reblur_residual=0.0, confidence=confidence, seconds=0.0)
 
 
-@pytest.mark.parametrize(("support", "confidence", "chosen"), [
-    (1, 0.99, "network"),                   # near-delta: a sharp photo
-    (15, CFG.min_confidence, "kernel"),     # confident
-    (15, CFG.min_confidence - 0.01, "network"),
-    (CFG.half_scale_from, 0.1, "network_half"),
-    (CFG.quarter_scale_from, 0.1, "network_quarter"),
+@pytest.mark.parametrize(("support", "confidence", "overshoot", "chosen"), [
+    (1, 0.99, None, "network"),                     # near-delta: a sharp photo
+    (15, CFG.min_confidence, None, "kernel"),       # confident
+    (15, CFG.min_confidence, CFG.max_overshoot, "kernel"),
+    (15, CFG.min_confidence - 0.01, None, "network"),
+    (15, 0.99, CFG.max_overshoot + 0.01, "network"),          # its deconvolution rings
+    (CFG.max_kernel_size, 0.99, 0.0, "network_quarter"),      # fills the search window
+    (CFG.half_scale_from, 0.1, None, "network_half"),
+    (CFG.quarter_scale_from, 0.1, None, "network_quarter"),
 ])
-def test_the_choice_follows_the_evidence(support, confidence, chosen):
-    picked, evidence = choose(_estimate(support, confidence), CFG)
+def test_the_choice_follows_the_evidence(support, confidence, overshoot, chosen):
+    picked, evidence = choose(_estimate(support, confidence), CFG, overshoot)
     assert picked == chosen and evidence["reason"] and evidence["support_px"] == support
 
 
