@@ -21,21 +21,47 @@ def format_summary(metrics: dict, decision: dict) -> str:
     if "sharp_in" in metrics:
         lines.append(f"  sharp-in check: unblurred photos come out at {metrics['sharp_in']['psnr']:.2f} dB "
                      f"(worst {metrics['sharp_in']['min_psnr']:.2f} dB) against themselves")
+    lines += shake_lines(metrics)
+    lines += ["", *gate_lines(decision)]
+    uri = decision.get("tracking_uri", "sqlite:///mlflow.db")
+    ui = (f"  open {uri}   (the shared tracking server's UI)" if uri.startswith(("http://", "https://"))
+          else f"  mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
+    serve = ("  make serve   (HTTP service with the champion on http://127.0.0.1:7071)" if decision.get("champion_uri")
+             else "  make serve   answers 503 until a model passes the gate (see above)")
+    lines += ["", "Where to look:", ui,
+              "  dvc metrics show ; dvc plots show   (reports/ holds metrics, per-image CSV and triptychs)", serve, ""]
+    return "\n".join(lines)
+
+
+def gate_lines(decision: dict) -> list[str]:
+    """The gate's verdict with every check and its reason, and which model serves (or that none does)."""
     verdict = "promoted to 'champion'" if decision["promoted"] else "not promoted"
-    lines += ["", f"Registry: {decision['model_name']} version {decision['version']} registered as 'challenger', "
-                  f"{verdict}. The gate's checks:"]
+    lines = [f"Registry: {decision['model_name']} version {decision['version']} registered as 'challenger', "
+             f"{verdict}. The gate's checks:"]
     for check in decision.get("checks", []):
         lines.append(f"  [{'pass' if check['passed'] else 'FAIL'}] {check['name']}: {check['detail']}")
     if decision.get("champion_uri"):
         lines.append(f"  champion: {decision['model_name']} v{decision.get('champion_version')} = {decision['champion_uri']}  "
                      f"(serving artifact: {decision.get('serving_artifact')})")
-    uri = decision.get("tracking_uri", "sqlite:///mlflow.db")
-    ui = (f"  open {uri}   (the shared tracking server's UI)" if uri.startswith(("http://", "https://"))
-          else f"  mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
-    lines += ["", "Where to look:", ui,
-              "  dvc metrics show ; dvc plots show   (reports/ holds metrics, per-image CSV and triptychs)",
-              "  make serve   (HTTP service with the champion on http://127.0.0.1:7071)", ""]
-    return "\n".join(lines)
+    else:
+        lines += [f"  NO CHAMPION: no version of {decision['model_name']} has passed the gate in this tracking store "
+                  f"({decision.get('tracking_uri', 'sqlite:///mlflow.db')}), so nothing is served.",
+                  "  To get one: python -m deblur.import_pretrained --register checkpoints/pretrained/nafnet16.pt "
+                  "(the shipped model through the same gate), or train until the checks above pass."]
+    return lines
+
+
+def shake_lines(metrics: dict) -> list[str]:
+    """Camera shake per kernel size: the served model, the thorough mode, the true-PSF ceiling, kernel NCC."""
+    buckets = metrics.get("per_kernel_bucket", {}).get("motion", {})
+    rows = [(label, b) for label, b in buckets.items() if b.get("n") and "thorough_psnr" in b]
+    if not rows:
+        return []
+    lines = ["", "Camera shake per kernel size (input / served model / thorough mode / true-PSF ceiling, kernel NCC)"]
+    for label, b in rows:
+        lines.append(f"  {label:<6} n={b['n']:<3} {b['input_psnr']:6.2f}  {b['model_psnr']:6.2f}  "
+                     f"{b['thorough_psnr']:6.2f}  {b['nonblind_psnr']:6.2f}  NCC {b.get('kernel_ncc', float('nan')):.2f}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

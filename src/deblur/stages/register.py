@@ -212,4 +212,7 @@ def run_register(params_path: Path, run_info_path: Path, per_image_path: Path, s
             }
             tracking.log_dict(record, "registration.json")
     tracking.dump_json(record, decision_path)
+    from deblur.summary import gate_lines
+
+    print("\n".join(["", *gate_lines(record)]), flush=True)   # dvc repro / dvc exp run show the verdict
     return record
