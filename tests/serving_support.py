@@ -37,8 +37,10 @@ def make_checkpoint(path: Path, name: str = "stacked_conv", seed: int = 0, **arc
 
 
 def make_artifact(tmp: Path, serving: dict | None = None, tiling: dict | None = None,
-                  name: str = "stacked_conv", **arch) -> Path:
-    """A serving artifact in ``tmp/model`` from a small random-init model, with settings overridden."""
+                  name: str = "stacked_conv", kernel_aware: dict | None = None, **arch) -> Path:
+    """A serving artifact in ``tmp/model`` from a small random-init model, with settings overridden;
+    ``kernel_aware`` (params.yaml's section updated by it, ``{}`` for as is) writes the thorough mode's
+    settings into model.json, None leaves them out (an artifact exported before kernel-aware restoration)."""
     tmp.mkdir(parents=True, exist_ok=True)
     if name == "stacked_conv" and not arch:
         arch = {"channels": 8, "depth": 3}
@@ -48,6 +50,7 @@ def make_artifact(tmp: Path, serving: dict | None = None, tiling: dict | None = 
         ckpt, tmp / "model", meta,
         tiling=PARAMS.tiling.model_copy(update=tiling or {}),
         serving=PARAMS.serving.model_copy(update=serving or {}),
+        kernel_aware=None if kernel_aware is None else PARAMS.kernel_aware.model_copy(update=kernel_aware),
     )
 
 

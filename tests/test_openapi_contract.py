@@ -61,7 +61,8 @@ for fmt, media in {MEDIA}.items():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return make_artifact(tmp_path_factory.mktemp("openapi"), serving=LIMITS)
+    """With kernel-aware settings, default mode fast (params.yaml's may be thorough): ``mode`` is in the contract."""
+    return make_artifact(tmp_path_factory.mktemp("openapi"), serving=LIMITS, kernel_aware={"default_mode": "fast"})
 
 
 @pytest.fixture(scope="module")
@@ -173,11 +174,14 @@ def test_deblur_operation_states_bodies_bounds_outputs_and_errors(spec):
     assert body["content"]["image/png"]["schema"] == {"type": "string", "format": "binary"}
     form = body["content"]["multipart/form-data"]["schema"]
     assert form["required"] == ["image"] and form["properties"]["image"]["format"] == "binary"
+    assert form["properties"]["psf"]["format"] == "binary"   # optional: a known kernel, non-blind
 
     params = {p["name"]: p for p in operation["parameters"]}
-    assert set(params) == {"format", "tile_size", "overlap", "seed", "steps"}
+    assert set(params) == {"format", "tile_size", "overlap", "seed", "steps", "mode", "return_psf"}
     assert all(p["in"] == "query" and not p["required"] for p in params.values())
     assert params["format"]["schema"]["enum"] == sorted(OUTPUT_FORMATS) == ["jpeg", "jpg", "png", "webp"]
+    assert params["mode"]["schema"] == {"type": "string", "enum": ["fast", "thorough"], "default": "fast"}
+    assert params["return_psf"]["schema"]["enum"] == ["0", "1", "false", "true"]
     bounds = {name: [params[name]["schema"]["minimum"], params[name]["schema"]["maximum"]]
               for name in ("tile_size", "overlap", "steps", "seed")}
     assert bounds == {"tile_size": [32, 320], "overlap": [0, 24], "steps": [1, 4], "seed": [0, MAX_SEED]}
@@ -187,9 +191,13 @@ def test_deblur_operation_states_bodies_bounds_outputs_and_errors(spec):
                                                             "type": "apiKey", "in": "query", "name": "code"}
 
     ok = operation["responses"]["200"]
-    assert set(ok["content"]) == set(MEDIA_TYPES.values()) == {"image/png", "image/jpeg", "image/webp"}
+    assert set(ok["content"]) - {"application/json"} == set(MEDIA_TYPES.values()) == {"image/png", "image/jpeg",
+                                                                                      "image/webp"}
+    assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Restoration"}
+    assert {"image", "psf", "psf_npy", "chosen"} <= set(spec["components"]["schemas"]["Restoration"]["required"])
     assert {"X-Model-Name", "X-Model-Version", "X-Inference-Ms", "X-Image-Size", "X-Tile-Size", "X-Overlap",
-            "X-Alpha", "X-Seed", "X-Steps", "Server-Timing"} <= set(ok["headers"])
+            "X-Alpha", "X-Seed", "X-Steps", "X-Deblur-Mode", "X-Deblur-Chosen", "X-Deblur-Psf-Size",
+            "Server-Timing"} <= set(ok["headers"])
     statuses = {int(s) for s in operation["responses"]} - {200}
     assert {400, 401, 413, 415, 500, 503} <= statuses
     assert statuses == {ERROR_CODES[c].status for c in codes_for(DEBLUR_ROUTE)}
@@ -306,6 +314,28 @@ def test_a_real_upload_matches_the_documented_200(client, spec):
         assert response.headers["x-image-size"] == "56x40"
         assert response.headers["x-alpha"] in documented["headers"]["X-Alpha"]["schema"]["enum"]
     assert response.headers["x-alpha"] == "dropped"
+
+
+def test_a_thorough_answer_matches_the_documented_json(client, spec):
+    """``mode=thorough&return_psf=1`` (schemathesis rarely reaches its 200): the JSON against ``Restoration``,
+    with a kernel (an 80x96 photo) and without one (under ``kernel_aware.min_side``), and the headers."""
+    import jsonschema_rs   # schemathesis' own validator
+
+    documented = spec["paths"]["/api/deblur"]["post"]["responses"]["200"]
+    validator = jsonschema_rs.validator_for(spec["components"]["schemas"]["Restoration"])
+    for height, width, has_kernel in ((80, 96, True), (40, 56, False)):
+        response = client.post("/api/deblur", params={"mode": "thorough", "return_psf": "1"},
+                               content=encode(Image.fromarray(smooth_rgb(height, width)), "PNG"))
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json" and "application/json" in documented["content"]
+        answer = response.json()
+        validator.validate(answer)
+        assert (answer["psf"] is not None) == has_kernel and (answer["width"], answer["height"]) == (width, height)
+        for name, header in documented["headers"].items():
+            if header.get("required"):
+                assert name in response.headers, name
+        assert response.headers["x-deblur-chosen"] in documented["headers"]["X-Deblur-Chosen"]["schema"]["enum"]
+        assert response.headers["x-deblur-mode"] == "thorough"
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The ``deblur`` command (also ``python -m deblur``).
 
     deblur predict photo.jpg shots/ -o sharp/ [--model models:/deblur@champion]   # deblur files
+    deblur predict photo.jpg -o sharp/ --mode thorough --save-psf                 # ... kernel-aware, kernels saved
     deblur predict photo.jpg -o sharp/ --psf kernel.png                           # ... with a known blur kernel
     deblur serve [--port 7071]                                                     # the HTTP service
     deblur import-checkpoint NAFNet-GoPro-width32.pth --licence MIT   # official weights -> gate
@@ -36,6 +37,10 @@ def _merge_lora(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     if args.psf is not None:
+        if args.mode is not None or args.save_psf:
+            print("error: --psf deconvolves with a kernel you know; --mode and --save-psf apply to runs of a model "
+                  "(drop them, or drop --psf)", file=sys.stderr)
+            return 2
         return _predict_with_psf(args)
     from pydantic import ValidationError
 
@@ -44,7 +49,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     try:
         return predict.run(args.inputs, args.out, args.model, args.params, args.format, args.tile_size, args.overlap,
-                           args.quality, args.threads)
+                           args.quality, args.threads, args.mode, args.save_psf)
     except (DeblurError, ServingError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
     except ValidationError as err:   # tiling overrides out of range
@@ -83,6 +88,14 @@ def parser() -> argparse.ArgumentParser:
                       help="a known blur kernel (.npy or greyscale PNG, odd sides, centre pixel = origin): "
                            "deconvolve every input with it (hyper-Laplacian prior, documentation/kernel_aware.md) "
                            "instead of running a model; --model and the tiling options are then unused")
+    pred.add_argument("--mode", choices=("fast", "thorough"), default=None,
+                      help="fast: the network only; thorough: estimate each image's blur kernel, deconvolve it and "
+                           "keep what the evidence supports, printing the choice per image "
+                           "(documentation/kernel_aware.md). Default: the model's kernel_aware.default_mode (fast "
+                           "for a model exported without one)")
+    pred.add_argument("--save-psf", action="store_true",
+                      help="with --mode thorough: write each image's estimated kernel beside its output, "
+                           "OUT/<name>.psf.png (16-bit, scaled to its peak) and OUT/<name>.psf.npy (float32, sum 1)")
     pred.add_argument("--format", choices=("same", "png", "jpeg", "webp"), default="same",
                       help="output format (default: as the input; PNG for TIFF/BMP inputs)")
     pred.add_argument("--tile-size", type=int, default=None, help="tile size (default: the model's tiling)")

@@ -1,5 +1,6 @@
-"""Who runs, when: inference slots and a bounded queue, the speed check behind ``image_too_slow``,
-per-request cancel flags and deadlines, the SIGTERM drain, and the memory budget."""
+"""Who runs, when: inference slots and a bounded queue, the speed check behind ``image_too_slow``
+(with the extra cost of the kernel-aware modes, ``ModeCosts``), per-request cancel flags and
+deadlines, the SIGTERM drain, and the memory budget."""
 
 from __future__ import annotations
 
@@ -13,13 +14,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 from deblur.config import ServingConfig
 from deblur.service.errors import ApiError
-from deblur.speed import SpeedModel, TilePlan
+from deblur.speed import Line, RobustLine, SpeedModel, TilePlan
 
 # Working memory of one image per pixel: decoded RGB, the float32 output buffer, the uint8
 # result and the encoder's copy. Measured with a small model on this machine: 12.7-14.1 B/px
 # peak RSS growth for 9.4-16.8 MP PNG and JPEG (decode, tiled inference, encode); tile
 # batches add a constant.
 BYTES_PER_PIXEL = 16
+# Kernel-aware modes hold far more: the deconvolution's float planes and FFTs over the image padded
+# by a kernel side per border (deblur.psf.deconvolve), and in thorough mode the estimator's crops
+# too. Peak RSS growth measured here per padded pixel, (width + 2 side) x (height + 2 side):
+# thorough (side = kernel_aware.max_kernel_size, 61) 331 B at 640x480 and 348 B at 1280x720;
+# non-blind deconvolution with a 31 px PSF 223 B at 1280x720. Rounded up, on top of BYTES_PER_PIXEL.
+MODE_BYTES_PER_PADDED_PIXEL = {"thorough": 384, "psf": 256}
+# What a kernel-aware request costs beyond a fast one (seconds = fixed + per_pixel * image pixels):
+# thorough (blind estimate + deconvolution, or the network at a coarse scale) took 1.9 s at 256x256,
+# 5.7 s at 640x480 and 13.6 s at 1280x720 on this project's shared 2-core machine; non-blind
+# deconvolution 0.26 s and 4.4 s. Each worker refits these lines on its own requests (ModeCosts).
+MODE_PRIORS = {"thorough": Line(1.0, 1.5e-5), "psf": Line(0.1, 5e-6)}
 
 
 class InferenceGate:
@@ -166,17 +178,80 @@ def shutting_down() -> ApiError:
                     "retry: another worker will answer", headers={"Retry-After": "1"})
 
 
+class ModeCosts:
+    """The seconds a ``thorough`` or ``psf`` (non-blind) request spends beyond what a fast one would, one
+    ``RobustLine`` per mode over the image's pixels (prior ``MODE_PRIORS``), fitted on this worker's own
+    requests of that mode. Kept apart from the ``SpeedModel``: a kernel-aware request teaches its tile
+    batches to the batch line (they are ordinary network batches) and the rest to its mode's line, never
+    to the request line, so fast-mode estimates are not moved by deconvolution time."""
+
+    def __init__(self, priors: dict[str, Line] | None = None) -> None:
+        self._lock = threading.Lock()
+        self.lines = {mode: RobustLine(prior, anchor_x=1280 * 720) for mode, prior in (priors or MODE_PRIORS).items()}
+
+    def extra(self, mode: str, pixels: int) -> float:
+        line = self.lines.get(mode)
+        return 0.0 if line is None else line.line.at(pixels)
+
+    def observe(self, mode: str, pixels: int, seconds: float) -> None:
+        with self._lock:
+            self.lines[mode].observe(pixels, seconds)
+
+    def report(self) -> dict:
+        return {mode: {"fixed": line.line.fixed, "per_megapixel": line.line.per_pixel * 1e6,
+                       "seconds_720p": line.line.at(1280 * 720), "observations": line.observations}
+                for mode, line in self.lines.items()}
+
+
+def expected_seconds(speed: SpeedModel, costs: ModeCosts | None, mode: str, plan: TilePlan) -> float:
+    """Estimated seconds of one request: fast = tile batches + request line; thorough adds its mode line (the
+    network at full scale is counted: an upper bound, the choice may be a coarse scale or the deconvolution);
+    psf (non-blind deconvolution, no network) = request line + its mode line."""
+    if costs is None or mode == "fast":
+        return speed.seconds_for(plan)
+    if mode == "psf":
+        return speed.request.line.at(plan.image_pixels) + costs.extra(mode, plan.image_pixels)
+    return speed.seconds_for(plan) + costs.extra(mode, plan.image_pixels)
+
+
 def check_expected_time(speed: SpeedModel, width: int, height: int, serving: ServingConfig,
-                        plan_for: Callable[[int, int], TilePlan]) -> float:
-    """The estimated seconds of a ``width`` x ``height`` image; 413 ``image_too_slow`` over the limit."""
-    expected = speed.seconds_for(plan_for(width, height))
+                        plan_for: Callable[[int, int], TilePlan], mode: str = "fast",
+                        costs: ModeCosts | None = None) -> float:
+    """The estimated seconds of a ``width`` x ``height`` image in ``mode``; 413 ``image_too_slow`` over the limit."""
+    def seconds(w: int, h: int) -> float:
+        return expected_seconds(speed, costs, mode, plan_for(w, h))
+
+    expected = seconds(width, height)
     if expected > serving.max_request_seconds:
-        fit_w, fit_h = speed.largest_that_fits(width, height, serving.max_request_seconds, plan_for)
+        fit_w, fit_h = largest_that_fits(seconds, width, height, serving.max_request_seconds)
+        how = "" if mode == "fast" else (" in mode=thorough (mode=fast is quicker)" if mode == "thorough"
+                                         else " with a psf part (non-blind deconvolution)")
         raise ApiError(413, "image_too_slow", f"this {width}x{height} ({width * height / 1e6:.1f} MP) image would "
-                       f"take about {expected:.0f} s on this server, over the {serving.max_request_seconds:g} s "
+                       f"take about {expected:.0f} s on this server{how}, over the {serving.max_request_seconds:g} s "
                        f"limit (serving.max_request_seconds): downscale it to at most {fit_w}x{fit_h} "
                        f"({fit_w * fit_h / 1e6:.2f} MP)")
     return expected
+
+
+def largest_that_fits(seconds: Callable[[int, int], float], width: int, height: int, limit: float) -> tuple[int, int]:
+    """The largest ``width`` x ``height`` downscale (same aspect) whose ``seconds(w, h)`` is at most ``limit``."""
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        mid = (low + high) / 2
+        if seconds(max(1, int(width * mid)), max(1, int(height * mid))) <= limit:
+            low = mid
+        else:
+            high = mid
+    return max(1, int(width * low)), max(1, int(height * low))
+
+
+def working_bytes(mode: str, width: int, height: int, kernel_side: int = 0) -> int:
+    """Memory held for decoding and restoring a ``width`` x ``height`` image in ``mode`` (``kernel_side``: the
+    largest PSF side of a kernel-aware mode, which pads the deconvolution's planes on every border)."""
+    held = width * height * BYTES_PER_PIXEL
+    if mode in MODE_BYTES_PER_PADDED_PIXEL:
+        held += (width + 2 * kernel_side) * (height + 2 * kernel_side) * MODE_BYTES_PER_PADDED_PIXEL[mode]
+    return held
 
 
 class MemoryBudget:

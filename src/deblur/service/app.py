@@ -1,5 +1,6 @@
-"""The FastAPI app: ``POST /api/deblur`` (image in, deblurred image out), ``GET /api/health``
-and ``GET /`` (a small web page, also at ``/api/ui`` for hosts that serve only ``/api/*``).
+"""The FastAPI app: ``POST /api/deblur`` (image in, deblurred image out; ``?mode=fast|thorough``,
+a multipart ``psf`` part for a known kernel, ``?return_psf=1`` for JSON with the kernel), ``GET
+/api/health`` and ``GET /`` (a small web page, also at ``/api/ui`` for hosts that serve only ``/api/*``).
 
 Where the model comes from (``model_dir=None``): ``DEBLUR_MODEL_URI`` (a ``models:/`` URI,
 used when ``MLFLOW_TRACKING_URI`` is set), else ``DEBLUR_MODEL_DIR``, else
@@ -26,14 +27,17 @@ from fastapi.responses import HTMLResponse, Response
 from deblur.config import ServingConfig
 from deblur.service.admission import (
     BYTES_PER_PIXEL,
+    MODE_BYTES_PER_PADDED_PIXEL,
     InferenceGate,
     MemoryBudget,
+    ModeCosts,
     NotStarted,
     RequestCancelled,
     RequestControl,
     Shutdown,
     check_expected_time,
     shutting_down,
+    working_bytes,
 )
 from deblur.service.decoding import (
     ACCEPTED_FORMATS,
@@ -41,17 +45,20 @@ from deblur.service.decoding import (
     MEDIA_TYPES,
     OUTPUT_FORMATS,
     check_api_key,
-    image_bytes,
+    mode_param,
     output_format,
     probe,
     read_body,
+    read_psf,
+    return_psf_param,
     sampling_params,
     tiling_params,
+    upload_parts,
 )
 from deblur.service.errors import ApiError, add_error_handlers
 from deblur.service.openapi import add_api_docs
 from deblur.service.runtime import ModelHolder, ModelSource, model_info, model_source_from_env, process_image, \
-    resolve_settings
+    resolve_modes, resolve_settings
 from deblur.speed import SpeedModel, plan_tiles, prior_from_meta
 
 log = logging.getLogger("deblur.service")
@@ -62,9 +69,11 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
     """The FastAPI app; ``model_dir=None`` picks the model from the environment (see module doc)."""
     source = ModelSource(Path(model_dir), None) if model_dir is not None else model_source_from_env()
     serving, tiling, settings_source, artifact_meta = resolve_settings(source, settings)
+    modes = resolve_modes(source, artifact_meta)
     holder = ModelHolder(source, tiling, serving.threads, serving.runtime)
     gate = InferenceGate(serving.inference_slots, serving.max_waiting)
     speed = SpeedModel(prior_from_meta(artifact_meta, serving.runtime))
+    costs = ModeCosts()
     budget = MemoryBudget(int(serving.max_buffered_mb * 2**20))
     shutdown = Shutdown(serving.shutdown_grace_seconds)
     running: set[RequestControl] = set()
@@ -94,8 +103,8 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
 
     app = FastAPI(title="deblur", summary="Single-image deblurring", lifespan=lifespan,
                   docs_url=None, openapi_url="/api/openapi.json", redoc_url=None)
-    app.state.holder, app.state.serving = holder, serving
-    app.state.speed, app.state.budget, app.state.shutdown = speed, budget, shutdown
+    app.state.holder, app.state.serving, app.state.modes = holder, serving, modes
+    app.state.speed, app.state.costs, app.state.budget, app.state.shutdown = speed, costs, budget, shutdown
     add_error_handlers(app)
     add_api_docs(app)
 
@@ -130,10 +139,13 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
             },
             "in_flight": gate.admitted,
             "seconds_per_megapixel": speed_report["seconds_per_megapixel"],
+            "modes": modes.report(),
             "admission": {
-                "speed": speed_report,
+                "speed": {**speed_report, "modes": costs.report()},
                 "memory": {"budget_mb": budget.limit / 2**20, "used_mb": round(budget.used / 2**20, 3),
-                           "bytes_per_pixel": BYTES_PER_PIXEL, "receiving_bodies": budget.receiving},
+                           "bytes_per_pixel": BYTES_PER_PIXEL,
+                           "mode_bytes_per_padded_pixel": dict(MODE_BYTES_PER_PADDED_PIXEL),
+                           "receiving_bodies": budget.receiving},
                 "draining": shutdown.draining,
             },
             "accepted_formats": list(ACCEPTED_FORMATS),
@@ -150,18 +162,31 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
         fmt = output_format(request)
         tile_size, overlap = tiling_params(request, serving, holder.model.tiling if holder.model else tiling)
         sampling = sampling_params(request, serving)
+        asked_mode, return_psf = mode_param(request), return_psf_param(request)
+        if asked_mode is not None:
+            modes.check(asked_mode, asked=True)   # refused before the body is read
         with budget.reservation() as reservation:
             declared = request.headers.get("content-length", "").strip()
             if declared.isdigit() and int(declared) <= serving.max_body_mb * 2**20:   # larger: read_body's 413
                 reservation.check_room(int(declared))   # 503 before the body is sent when it could not be held now
             with budget.receiving_body():
                 body = await read_body(request, serving, reservation)   # held as the bytes arrive, not before
-            data = await image_bytes(request, body)
+            upload = await upload_parts(request, body)
+            data = upload.image
             reservation.cover(len(body) + (len(data) if data is not body else 0))
             width, height = probe(data, serving)
-            estimate = check_expected_time(speed, width, height, serving, plan_for(tile_size, overlap))
-            reservation.cover(reservation.held + width * height * BYTES_PER_PIXEL, "decoded pixels",
-                              never_fits=_never_fits(width, height, serving))
+            psf = read_psf(upload.psf, upload.psf_name) if upload.psf is not None else None
+            mode = "psf" if psf is not None else (asked_mode or modes.default)   # a psf part: non-blind, any mode
+            modes.check(mode, asked=asked_mode is not None)
+            if return_psf and mode == "fast":
+                raise ApiError(400, "invalid_parameter", "return_psf=1 returns the blur kernel that mode=thorough "
+                               "estimates (or the one sent in a psf part); this request runs in mode=fast, which "
+                               "has none: add mode=thorough")
+            kernel_side = (max(psf.shape) if psf is not None else
+                           modes.kernel_aware.max_kernel_size if mode == "thorough" else 0)
+            estimate = check_expected_time(speed, width, height, serving, plan_for(tile_size, overlap), mode, costs)
+            reservation.cover(reservation.held + working_bytes(mode, width, height, kernel_side), "decoded pixels",
+                              never_fits=_never_fits(width, height, serving, mode, kernel_side))
             if shutdown.draining:
                 raise shutting_down()
             if not gate.admit():
@@ -173,7 +198,8 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
             watcher = asyncio.create_task(_cancel_on_disconnect(request, control))
             try:
                 result = await gate.run(process_image, holder, serving, data, fmt, tile_size, overlap,
-                                        time.perf_counter(), sampling, control, stop_waiting=shutdown.began())
+                                        time.perf_counter(), sampling, control, mode, modes.kernel_aware, psf,
+                                        return_psf, stop_waiting=shutdown.began())
             except NotStarted:   # SIGTERM while it waited for the inference thread: answered now, not after the grace
                 raise shutting_down() from None
             except RequestCancelled as err:
@@ -189,10 +215,15 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
                 running.discard(control)
                 gate.leave()
         worked = sum(result.timings_ms.get(k, 0.0) for k in ("decode", "infer", "encode")) / 1000
-        speed.observe_request(result.width * result.height, max(worked - control.batch_seconds, 0.0))
+        outside_batches, pixels = max(worked - control.batch_seconds, 0.0), result.width * result.height
+        if mode == "fast":
+            speed.observe_request(pixels, outside_batches)
+        else:   # the kernel-aware part is learnt apart: fast estimates stay as they were
+            costs.observe(mode, pixels, max(outside_batches - speed.request.line.at(pixels), 0.0))
         model = holder.get()
         result.timings_ms["total"] = (time.perf_counter() - started) * 1000
-        return Response(content=result.body, media_type=MEDIA_TYPES[result.fmt], headers={
+        extension = "json" if result.media_type else EXTENSIONS[result.fmt]
+        return Response(content=result.body, media_type=result.media_type or MEDIA_TYPES[result.fmt], headers={
             "X-Model-Name": model.name,
             "X-Model-Version": model.version,
             "X-Model-Alias": model.alias,
@@ -203,18 +234,26 @@ def create_app(model_dir: str | Path | None = None, settings: ServingConfig | No
             "X-Alpha": result.alpha,
             **({"X-Seed": str(result.sampling["seed"]), "X-Steps": str(result.sampling["steps"])}
                if result.sampling else {}),
+            "X-Deblur-Mode": result.mode,
+            **({"X-Deblur-Chosen": result.chosen} if result.chosen else {}),
+            **({"X-Deblur-Psf-Size": f"{result.psf_shape[1]}x{result.psf_shape[0]}"} if result.psf_shape else {}),
             "Server-Timing": ", ".join(f"{k};dur={v:.1f}" for k, v in result.timings_ms.items()),
-            "Content-Disposition": f'inline; filename="deblurred.{EXTENSIONS[result.fmt]}"',
+            "Content-Disposition": f'inline; filename="deblurred.{extension}"',
         })
 
     return app
 
 
-def _never_fits(width: int, height: int, serving: ServingConfig) -> ApiError:
-    largest = serving.max_buffered_mb * 2**20 / BYTES_PER_PIXEL
-    return ApiError(413, "image_too_large", f"the image is {width}x{height}: decoding and deblurring it needs about "
-                    f"{width * height * BYTES_PER_PIXEL / 2**20:.0f} MB, over the {serving.max_buffered_mb:g} MB "
-                    f"budget (serving.max_buffered_mb): downscale it to under {largest / 1e6:.1f} MP")
+def _never_fits(width: int, height: int, serving: ServingConfig, mode: str = "fast", kernel_side: int = 0) -> ApiError:
+    per_pixel = BYTES_PER_PIXEL + MODE_BYTES_PER_PADDED_PIXEL.get(mode, 0)
+    largest = serving.max_buffered_mb * 2**20 / per_pixel
+    how = {"fast": "deblurring it", "thorough": "restoring it in mode=thorough (mode=fast needs "
+                                                f"{BYTES_PER_PIXEL} B per pixel)",
+           "psf": "deconvolving it with the psf part"}[mode]
+    return ApiError(413, "image_too_large", f"the image is {width}x{height}: decoding and {how} needs about "
+                    f"{working_bytes(mode, width, height, kernel_side) / 2**20:.0f} MB, over the "
+                    f"{serving.max_buffered_mb:g} MB budget (serving.max_buffered_mb): downscale it to under "
+                    f"{largest / 1e6:.1f} MP")
 
 
 async def _cancel_on_disconnect(request: Request, control: RequestControl) -> None:

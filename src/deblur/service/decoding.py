@@ -1,8 +1,9 @@
 """What a request asks for and the image it carries, checked before any model work.
 
-Query parameters and the Accept header give the output format, tiling and sampling; the
-body (raw image bytes, or the ``image`` part of a multipart form) is read with a size limit
-and a time limit, and the image header is probed against the pixel and side limits.
+Query parameters and the Accept header give the output format, tiling, sampling and the
+restoration mode; the body (raw image bytes, or the ``image`` part of a multipart form, with an
+optional ``psf`` part: a known blur kernel) is read with a size limit and a time limit, and the
+image header is probed against the pixel and side limits.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote_plus
 
@@ -24,6 +26,8 @@ from deblur.config import ServingConfig, TilingConfig
 from deblur.service.errors import ApiError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from deblur.service.admission import Reservation
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")  # JPEG includes MPO (multi-picture JPEGs from cameras)
@@ -31,6 +35,10 @@ OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 UPLOAD_FIELD = "image"
+PSF_FIELD = "psf"                 # optional multipart part: a known blur kernel (.npy or greyscale PNG)
+MODES = ("fast", "thorough")      # ?mode=: the network only, or kernel-aware restoration (deblur.psf.restore)
+FLAGS = {"1": True, "true": True, "0": False, "false": False}   # ?return_psf=
+MAX_PSF_SIDE = 255                # = deblur.psf.io.MAX_PSF_SIDE (not imported: parsing a request stays light)
 KEY_HEADER = "x-functions-key"   # the API key, as Azure Functions names it
 KEY_PARAMETER = "code"            # ... or in the query, spelled exactly so
 MAX_SEED = 2**63 - 1   # ?seed= bound, = deblur.diffusion.refiner.MAX_SEED (not imported: parsing needs no torch)
@@ -155,6 +163,29 @@ def sampling_params(request: Request, serving: ServingConfig) -> dict[str, int]:
     return sampling
 
 
+def mode_param(request: Request) -> str | None:
+    """``?mode=fast|thorough``, or None when absent (the model's default then applies)."""
+    raw = request.query_params.get("mode")
+    if raw is None:
+        return None
+    mode = raw.strip().lower()
+    if mode not in MODES:
+        raise ApiError(400, "invalid_parameter", f"mode={raw!r} is not one of {', '.join(MODES)} (fast: the network "
+                       "only; thorough: estimate the blur kernel, deconvolve it and keep what the evidence supports)")
+    return mode
+
+
+def return_psf_param(request: Request) -> bool:
+    """``?return_psf=1|0|true|false`` (default 0): answer JSON with the image and the blur kernel."""
+    raw = request.query_params.get("return_psf")
+    if raw is None:
+        return False
+    flag = FLAGS.get(raw.strip().lower())
+    if flag is None:
+        raise ApiError(400, "invalid_parameter", f"return_psf={raw!r} must be 1, 0, true or false")
+    return flag
+
+
 def int_param(request: Request, name: str, bounds: tuple[int, int], default: int, source: str | None = None) -> int:
     raw = request.query_params.get(name)
     if raw is None:
@@ -227,12 +258,54 @@ def body_too_slow(received: int, whole: float, idle: float, paused: bool) -> Api
                     "over a faster connection, or a smaller file", headers={"Connection": "close"})
 
 
-async def image_bytes(request: Request, body: bytes) -> bytes:
-    """The image in ``body``: the body itself, or the ``image`` part of a multipart form."""
+@dataclass(frozen=True)
+class Upload:
+    """What a request carries: the image file, and a known blur kernel's file (the multipart ``psf`` part)."""
+
+    image: bytes
+    psf: bytes | None = None
+    psf_name: str = PSF_FIELD   # the part's file name, for error messages
+
+
+async def upload_parts(request: Request, body: bytes) -> Upload:
+    """The image in ``body`` (the body itself, or the ``image`` part of a multipart form) and the ``psf`` part."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
-        return body
-    return form_field(body, content_type, UPLOAD_FIELD)
+        return Upload(body)
+    form = read_form(body, content_type, (UPLOAD_FIELD, PSF_FIELD))
+    image = form.field_data(UPLOAD_FIELD)
+    psf = form.data.get(PSF_FIELD)
+    return Upload(image, None if psf is None else b"".join(psf), form.filenames.get(PSF_FIELD) or PSF_FIELD)
+
+
+async def image_bytes(request: Request, body: bytes) -> bytes:
+    """The image in ``body``: the body itself, or the ``image`` part of a multipart form."""
+    return (await upload_parts(request, body)).image
+
+
+def read_psf(data: bytes, name: str) -> np.ndarray:
+    """The normalised PSF in an uploaded ``psf`` part; 400 ``invalid_psf`` naming the problem.
+
+    An image's size is read from its header first, so a small file that decodes to a huge picture
+    costs nothing; ``.npy`` data is bounded by the body limit."""
+    from deblur.psf.io import NPY_MAGIC, PsfError, psf_from_bytes
+
+    label = f"the '{PSF_FIELD}' part ({name})" if name != PSF_FIELD else f"the '{PSF_FIELD}' part"
+    how = ("; send a .npy 2-D float array or a greyscale PNG, both sides odd and at most "
+           f"{MAX_PSF_SIDE} px, the centre pixel being the origin")
+    if data and not data.startswith(NPY_MAGIC):
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            width = height = 0   # psf_from_bytes names the problem
+        if max(width, height) > MAX_PSF_SIDE:
+            raise ApiError(400, "invalid_psf", f"{label}: a {width}x{height} picture exceeds the limit of "
+                           f"{MAX_PSF_SIDE} px per side{how}")
+    try:
+        return psf_from_bytes(data, label)
+    except PsfError as err:
+        raise ApiError(400, "invalid_psf", f"{err}{how}") from err
 
 
 def invalid_form(why: str) -> ApiError:
@@ -241,12 +314,17 @@ def invalid_form(why: str) -> ApiError:
 
 def form_field(body: bytes, content_type: str, field: str) -> bytes:
     """The data of the one part named ``field`` of the multipart/form-data ``body``."""
+    return read_form(body, content_type, (field,)).field_data(field)
+
+
+def read_form(body: bytes, content_type: str, fields: tuple[str, ...]) -> FormReader:
+    """The parts named in ``fields`` (at most one each) of the multipart/form-data ``body``; others are skipped."""
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary", b"")
     if not 0 < len(boundary) <= MAX_BOUNDARY_LENGTH:
         raise invalid_form("the Content-Type needs a boundary parameter of 1 to "
                            f"{MAX_BOUNDARY_LENGTH} characters, e.g. 'multipart/form-data; boundary=XyZ'")
-    form = FormReader(field)
+    form = FormReader(fields)
     parser = MultipartParser(boundary, form.callbacks(), max_header_count=MAX_PART_HEADERS,
                              max_header_size=MAX_PART_HEADER_BYTES)
     try:
@@ -256,27 +334,32 @@ def form_field(body: bytes, content_type: str, field: str) -> bytes:
         raise invalid_form(f"{err} (python-multipart)") from err
     if not form.ended:
         raise invalid_form("the body ends before the form's closing boundary: it is truncated")
-    if form.data is None:
-        raise ApiError(400, "missing_field", f"the multipart form has no part named '{field}': send the image "
-                       f"file in the field '{field}', e.g. curl -F {field}=@photo.jpg")
-    data = b"".join(form.data)
-    if not data:
-        raise ApiError(400, "empty_body", f"the file in the field '{field}' is empty")
-    return data
+    return form
 
 
 class FormReader:
-    """Callbacks for python-multipart's streaming parser: keeps the data of the part named ``field``."""
+    """Callbacks for python-multipart's streaming parser: keeps the data of the parts named in ``fields``."""
 
-    def __init__(self, field: str) -> None:
-        self.field = field
+    def __init__(self, fields: str | tuple[str, ...]) -> None:
+        self.fields = (fields,) if isinstance(fields, str) else tuple(fields)
         self.parts = 0
-        self.data: list[bytes] | None = None   # the field's pieces, once its part has begun
+        self.data: dict[str, list[bytes]] = {}   # each kept field's pieces, once its part has begun
+        self.filenames: dict[str, str] = {}
         self.ended = False
-        self._keeping = False
+        self._keeping: str | None = None
         self._headers: dict[bytes, bytes] = {}
         self._name: list[bytes] = []
         self._value: list[bytes] = []
+
+    def field_data(self, field: str) -> bytes:
+        """The bytes of the part ``field``: 400 ``missing_field`` without one, ``empty_body`` when it is empty."""
+        if field not in self.data:
+            raise ApiError(400, "missing_field", f"the multipart form has no part named '{field}': send the image "
+                           f"file in the field '{field}', e.g. curl -F {field}=@photo.jpg")
+        data = b"".join(self.data[field])
+        if not data:
+            raise ApiError(400, "empty_body", f"the file in the field '{field}' is empty")
+        return data
 
     def callbacks(self) -> dict:
         return {"on_part_begin": self.part_begin, "on_header_field": self.header_name,
@@ -307,19 +390,24 @@ class FormReader:
         kind, params = parse_options_header(disposition)
         if kind != b"form-data" or b"name" not in params:
             raise invalid_form(f"part {self.parts} is not 'Content-Disposition: form-data; name=...'")
-        self._keeping = params[b"name"].decode("utf-8", "replace") == self.field
-        if self._keeping:
-            if self.data is not None:
+        name = params[b"name"].decode("utf-8", "replace")
+        self._keeping = name if name in self.fields else None
+        if self._keeping is not None:
+            if name in self.data:
+                what = "one image" if name == UPLOAD_FIELD else f"one '{name}' file"
                 raise ApiError(400, "duplicate_field", f"the multipart form has more than one part named "
-                               f"'{self.field}': send one image per request")
-            self.data = []
+                               f"'{name}': send {what} per request")
+            self.data[name] = []
+            filename = params.get(b"filename")
+            if filename:
+                self.filenames[name] = filename.decode("utf-8", "replace")[:100]
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._keeping:
-            self.data.append(data[start:end])
+        if self._keeping is not None:
+            self.data[self._keeping].append(data[start:end])
 
     def part_end(self) -> None:
-        self._keeping = False
+        self._keeping = None
 
     def end(self) -> None:
         self.ended = True

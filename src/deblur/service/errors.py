@@ -43,11 +43,19 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "missing_field": ErrorCode(400, "a multipart form without an `image` file"),
     "invalid_multipart": ErrorCode(400, "a multipart form that cannot be parsed: no boundary, broken framing, "
                                         "truncated, over 16 parts or a part header over 8 kB"),
-    "duplicate_field": ErrorCode(400, "a multipart form with more than one `image` part"),
+    "duplicate_field": ErrorCode(400, "a multipart form with more than one `image` part, or more than one `psf` part"),
     "invalid_image": ErrorCode(400, "a corrupt or truncated image file"),
     "image_too_small": ErrorCode(400, "a side below `serving.min_side`"),
     "invalid_parameter": ErrorCode(400, "`tile_size`, `overlap`, `seed` or `steps` outside its range, "
-                                        "`2*overlap >= tile_size`, or `seed`/`steps` for a model that does not sample"),
+                                        "`2*overlap >= tile_size`, `seed`/`steps` for a model that does not sample, "
+                                        "`mode` other than fast or thorough, `return_psf` other than 1, 0, true or "
+                                        "false, or `return_psf=1` in fast mode (there is no kernel to return)"),
+    "invalid_psf": ErrorCode(400, "the multipart `psf` part is not a usable blur kernel (not a .npy 2-D array or a "
+                                  "greyscale image, an even or over-255 px side, negative or non-finite weights, "
+                                  "zero sum); the detail names the problem"),
+    "mode_unavailable": ErrorCode(400, "`mode=thorough` for a model exported without kernel-aware settings "
+                                       "(`kernel_aware` in model.json: export or register it again), or on a "
+                                       "worker without scipy and OpenCV; `mode=fast` works"),
     "invalid_format": ErrorCode(400, "`format` other than png, jpeg (jpg) or webp"),
     "unauthorized": ErrorCode(401, "`DEBLUR_API_KEY` is set and the request has no key or a wrong one"),
     "request_timeout": ErrorCode(408, "the body did not arrive within `serving.body_timeout_seconds`, or paused "
@@ -67,7 +75,8 @@ ERROR_CODES: dict[str, ErrorCode] = {
     "internal_error": ErrorCode(500, "a bug: the detail names the exception (the worker keeps serving)",
                                 routes=(EVERY_ROUTE,)),
     "model_unavailable": ErrorCode(503, "the model could not be loaded (the detail says why; retried on the "
-                                        "next request)"),
+                                        "next request), or its default mode, thorough, cannot run on this worker "
+                                        "(scipy or OpenCV missing)"),
     "busy": ErrorCode(503, "`inference_slots + max_waiting` requests already in the worker, or the "
                            "`serving.max_buffered_mb` budget is in use; retry after `Retry-After` seconds",
                       headers=("Retry-After",)),

@@ -23,8 +23,8 @@ from fastapi.responses import HTMLResponse, Response
 from PIL import Image
 
 from deblur.config import ServingConfig, TilingConfig
-from deblur.service.decoding import ACCEPTED_FORMATS, MAX_SEED, MEDIA_TYPES, OUTPUT_FORMATS, UPLOAD_FIELD, \
-    exact_query_key
+from deblur.service.decoding import ACCEPTED_FORMATS, FLAGS, MAX_PSF_SIDE, MAX_SEED, MEDIA_TYPES, MODES, \
+    OUTPUT_FORMATS, PSF_FIELD, UPLOAD_FIELD, exact_query_key
 from deblur.service.errors import DEBLUR_ROUTE, ERROR_CODES, NO_ROUTE, ApiError, codes_for
 
 log = logging.getLogger("deblur.service")
@@ -42,8 +42,11 @@ DESCRIPTION = (
     "Every error is JSON `{\"error\": code, \"detail\": message}`; the codes of each status are listed "
     "with it. A path that is not a route answers 404 `not_found`, a method a route does not have 405 "
     "`method_not_allowed` with `Allow`. The limits are this worker's `serving` settings "
-    "(`GET /api/health` shows them). Details: documentation/serving.md."
+    "(`GET /api/health` shows them). `mode=thorough` estimates the blur kernel, deconvolves it and keeps what "
+    "the evidence supports; a multipart `psf` part deconvolves with a kernel you know; `return_psf=1` answers "
+    "JSON with the image and the kernel. Details: documentation/serving.md and documentation/kernel_aware.md."
 )
+CANDIDATES = ("kernel", "network", "network_half", "network_quarter", "input")   # = deblur.psf.restore.CANDIDATES
 
 
 def add_api_docs(app: FastAPI) -> None:
@@ -85,6 +88,7 @@ def openapi_spec(app: FastAPI) -> dict:
     serving: ServingConfig = app.state.serving
     holder = getattr(app.state, "holder", None)
     tiling: TilingConfig | None = getattr(holder, "tiling", None)
+    modes = getattr(app.state, "modes", None)
     spec = get_openapi(title=app.title, version=app.version, summary=app.summary, description=DESCRIPTION,
                        routes=app.routes)
     for path, methods in spec.get("paths", {}).items():
@@ -95,10 +99,10 @@ def openapi_spec(app: FastAPI) -> dict:
                 log.warning("%s has no contract in deblur.service.openapi.OPERATIONS", route)
                 continue
             operation.clear()
-            operation.update(build(serving, tiling))
+            operation.update(build(serving, tiling, modes))
             operation["responses"].update(error_responses(route))
     spec["components"] = {
-        "schemas": {"Error": ERROR_SCHEMA, "Health": HEALTH_SCHEMA},
+        "schemas": {"Error": ERROR_SCHEMA, "Health": HEALTH_SCHEMA, "Restoration": RESTORATION_SCHEMA},
         "securitySchemes": {
             "functionKey": {"type": "apiKey", "in": "header", "name": "x-functions-key",
                             "description": "the API key (`DEBLUR_API_KEY`; on Azure, a function key)"},
@@ -148,10 +152,35 @@ ERROR_SCHEMA = {
 }
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
+RESTORATION_SCHEMA = {
+    "type": "object",
+    "description": "the `?return_psf=1` answer: the restored image and the blur kernel, base64",
+    "required": ["mode", "chosen", "media_type", "width", "height", "image", "psf", "psf_npy", "psf_size",
+                 "evidence", "seconds"],
+    "properties": {
+        "mode": {"enum": ["thorough", "psf"], "description": "thorough, or psf (non-blind with the `psf` part)"},
+        "chosen": {"enum": [*CANDIDATES, "psf"], "description": "the candidate kept (psf: the kernel sent)"},
+        "media_type": {"enum": sorted(set(MEDIA_TYPES.values())), "description": "the encoding of `image`"},
+        "width": {"type": "integer", "minimum": 1},
+        "height": {"type": "integer", "minimum": 1},
+        "image": {"type": "string", "contentEncoding": "base64", "description": "the restored image file"},
+        "psf": {"type": ["string", "null"], "contentEncoding": "base64",
+                "description": "the kernel as a 16-bit greyscale PNG scaled to its peak (null: none was estimated, "
+                               "the photo being under `kernel_aware.min_side`)"},
+        "psf_npy": {"type": ["string", "null"], "contentEncoding": "base64",
+                    "description": "the kernel as a float32 .npy normalised to sum 1"},
+        "psf_size": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 1}, "minItems": 2,
+                     "maxItems": 2, "description": "[height, width] of the kernel, odd, centre pixel = origin"},
+        "evidence": {"type": "object", "description": "why: support_px, crop_agreement, reblur_residual, "
+                                                      "confidence, reason"},
+        "seconds": {"type": "object", "additionalProperties": {"type": "number"},
+                    "description": "time of each stage (estimate, the chosen candidate, total)"},
+    },
+}
 HEALTH_SCHEMA = {
     "type": "object",
     "required": ["status", "ready", "error", "model", "model_source", "settings_source", "tiling", "limits",
-                 "in_flight", "seconds_per_megapixel", "accepted_formats", "output_formats", "auth"],
+                 "in_flight", "seconds_per_megapixel", "modes", "accepted_formats", "output_formats", "auth"],
     "properties": {
         "status": {"const": "ok"},
         "ready": {"type": "boolean", "description": "the model is loaded"},
@@ -179,6 +208,13 @@ HEALTH_SCHEMA = {
                    }},
         "in_flight": {"type": "integer", "minimum": 0, "description": "requests admitted and not finished"},
         "seconds_per_megapixel": {"type": ["number", "null"], "description": "this worker's measured speed"},
+        "modes": {"type": "object", "description": "restoration modes: the default (`?mode=` absent), those "
+                                                   "available, why thorough is not, the kernel-aware settings",
+                  "required": ["default", "available", "unavailable", "source", "kernel_aware"],
+                  "properties": {"default": {"enum": list(MODES)},
+                                 "available": {"type": "array", "items": {"enum": list(MODES)}},
+                                 "unavailable": _NULLABLE_STRING, "source": {"type": "string"},
+                                 "kernel_aware": {"type": ["object", "null"]}}},
         "admission": {"type": "object", "description": "the evidence admission decides from",
                       "properties": {
                           "speed": {"type": "object", "description": "the speed model behind `image_too_slow`"},
@@ -208,14 +244,20 @@ def _bounded(bounds: tuple[int, int], default: int | None = None) -> dict:
     return schema if default is None or not bounds[0] <= default <= bounds[1] else {**schema, "default": default}
 
 
-def deblur_operation(serving: ServingConfig, tiling: TilingConfig | None) -> dict:
+def deblur_operation(serving: ServingConfig, tiling: TilingConfig | None, modes=None) -> dict:
     image_types = [Image.MIME[fmt] for fmt in ACCEPTED_FORMATS]
     body_content = {media: {"schema": BINARY} for media in [*image_types, "application/octet-stream"]}
     body_content["multipart/form-data"] = {
         "schema": {"type": "object", "required": [UPLOAD_FIELD],
-                   "properties": {UPLOAD_FIELD: {**BINARY, "description": "the image file"}}},
-        "encoding": {UPLOAD_FIELD: {"contentType": ", ".join([*image_types, "application/octet-stream"])}},
+                   "properties": {UPLOAD_FIELD: {**BINARY, "description": "the image file"},
+                                  PSF_FIELD: {**BINARY, "description": (
+                                      "optional: a known blur kernel, a .npy 2-D float array or a greyscale PNG, "
+                                      f"both sides odd and at most {MAX_PSF_SIDE} px, the centre pixel being the "
+                                      "origin; the image is deconvolved with it (non-blind), whatever `mode` says")}}},
+        "encoding": {UPLOAD_FIELD: {"contentType": ", ".join([*image_types, "application/octet-stream"])},
+                     PSF_FIELD: {"contentType": "application/octet-stream, image/png"}},
     }
+    default_mode = {"default": modes.default} if modes is not None else {}
     header = {"schema": {"type": "string"}, "required": True}
     return {
         "operationId": "deblur",
@@ -235,12 +277,21 @@ def deblur_operation(serving: ServingConfig, tiling: TilingConfig | None) -> dic
             _query("seed", _bounded((0, MAX_SEED)), "sampling seed: diffusion refiner models only (else 400)"),
             _query("steps", _bounded(serving.refiner_steps_range),
                    "sampling steps (`serving.refiner_steps_range`): diffusion refiner models only (else 400)"),
+            _query("mode", {"type": "string", "enum": list(MODES), **default_mode},
+                   "fast: the network only; thorough: estimate the blur kernel, deconvolve it and keep what the "
+                   "evidence supports (slower; `X-Deblur-Chosen` says what was kept). Default: the model's "
+                   "`kernel_aware.default_mode` (`GET /api/health` `modes.default`)"),
+            _query("return_psf", {"type": "string", "enum": sorted(FLAGS)},
+                   "1: answer `application/json` (`Restoration`) with the image and the blur kernel, base64; "
+                   "thorough mode or a `psf` part only (else 400)"),
         ],
         "security": [{}, {"functionKey": []}, {"code": []}],
         "requestBody": {"required": True, "content": body_content},
         "responses": {"200": {
-            "description": "the deblurred image, same width and height as the (EXIF-rotated) input",
-            "content": {media: {"schema": BINARY} for media in MEDIA_TYPES.values()},
+            "description": "the deblurred image, same width and height as the (EXIF-rotated) input; with "
+                           "`return_psf=1`, JSON with that image and the blur kernel",
+            "content": {**{media: {"schema": BINARY} for media in MEDIA_TYPES.values()},
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Restoration"}}},
             "headers": {
                 "X-Model-Name": {**header, "description": "the registered model served"},
                 "X-Model-Version": {**header, "description": "its version (`none` if unregistered)"},
@@ -259,14 +310,23 @@ def deblur_operation(serving: ServingConfig, tiling: TilingConfig | None) -> dic
                            "schema": {"type": "integer", "minimum": 0}},
                 "X-Steps": {"description": "sampling steps (diffusion refiner models only)",
                             "schema": {"type": "integer", "minimum": 1}},
-                "Server-Timing": {**header, "description": "queue, load, decode, infer, encode and total in ms"},
-                "Content-Disposition": {**header, "description": 'inline; filename="deblurred.<ext>"'},
+                "X-Deblur-Mode": {"required": True, "description": "what ran: fast, thorough, or psf (the `psf` "
+                                                                   "part, non-blind)",
+                                  "schema": {"type": "string", "enum": [*MODES, "psf"]}},
+                "X-Deblur-Chosen": {"description": "thorough: the candidate kept; psf: `psf`",
+                                    "schema": {"type": "string", "enum": [*CANDIDATES, "psf"]}},
+                "X-Deblur-Psf-Size": {"description": "width x height of the kernel used (thorough: estimated)",
+                                      "schema": {"type": "string", "pattern": "^[0-9]+x[0-9]+$"}},
+                "Server-Timing": {**header, "description": "queue, load, decode, infer (thorough: estimate too), "
+                                                           "encode and total in ms"},
+                "Content-Disposition": {**header, "description": 'inline; filename="deblurred.<ext>" (json with '
+                                                                 '`return_psf=1`)'},
             },
         }},
     }
 
 
-def health_operation(_serving: ServingConfig, _tiling: TilingConfig | None) -> dict:
+def health_operation(_serving: ServingConfig, _tiling: TilingConfig | None, _modes=None) -> dict:
     return {
         "operationId": "health",
         "summary": "Model, limits and load of this worker (never needs a key)",
@@ -275,8 +335,8 @@ def health_operation(_serving: ServingConfig, _tiling: TilingConfig | None) -> d
     }
 
 
-def page_operation(operation_id: str) -> Callable[[ServingConfig, TilingConfig | None], dict]:
-    def build(_serving: ServingConfig, _tiling: TilingConfig | None) -> dict:
+def page_operation(operation_id: str) -> Callable[..., dict]:
+    def build(_serving: ServingConfig, _tiling: TilingConfig | None, _modes=None) -> dict:
         return {
             "operationId": operation_id,
             "summary": "The web page: upload a photo, compare before and after (self-contained, no CDN)",
@@ -285,7 +345,7 @@ def page_operation(operation_id: str) -> Callable[[ServingConfig, TilingConfig |
     return build
 
 
-OPERATIONS: dict[str, Callable[[ServingConfig, TilingConfig | None], dict]] = {
+OPERATIONS: dict[str, Callable[..., dict]] = {   # (serving, tiling, modes) -> the operation
     DEBLUR_ROUTE: deblur_operation,
     "GET /api/health": health_operation,
     "GET /": page_operation("page"),

@@ -6,10 +6,19 @@ Importing this module does not import torch: the model (and torch with it) is lo
 A served model (``deblur.serving.ServingModel``) offers: ``name``, ``version``, ``alias``,
 ``meta``, ``tiling``, ``architecture``, ``samples``, ``load_seconds``, ``source``,
 ``sampling_for(seed, steps)`` and ``deblur(rgb, tile_size, overlap, sampling, on_batch)``.
+
+Modes (documentation/serving.md): ``fast`` runs the model; ``thorough`` runs
+``deblur.psf.restore.restore_thorough`` with the model's ``deblur`` (the artifact's tiling or the
+request's) as its network, either runtime; ``psf`` (a multipart ``psf`` part) deconvolves with the
+caller's kernel. The kernel-aware code (scipy, OpenCV) is imported only when such a request runs.
 """
 
 from __future__ import annotations
 
+import base64
+import importlib.util
+import io
+import json
 import logging
 import os
 import threading
@@ -20,7 +29,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from deblur.artifact import DEFAULT_MODEL_DIR, ServingError, read_artifact_meta
-from deblur.config import ServingConfig, TilingConfig, load_params
+from deblur.config import KernelAwareConfig, ServingConfig, TilingConfig, load_params
 from deblur.imageio import ImageError, decode_image, encode_image
 from deblur.service.errors import ApiError
 
@@ -60,6 +69,78 @@ def resolve_settings(source: ModelSource, settings: ServingConfig | None
     params_path = Path(os.environ.get("DEBLUR_PARAMS", "params.yaml"))
     params = load_params(params_path)
     return settings or params.serving, params.tiling, str(params_path), None
+
+
+THOROUGH_NEEDS = ("scipy", "cv2")   # import names of what deblur.psf needs beyond the fast path
+PIP_NAMES = {"scipy": "scipy", "cv2": "opencv-python-headless"}
+
+
+@dataclass(frozen=True)
+class Modes:
+    """The worker's restoration modes: its default, the thorough mode's settings and why it is unavailable."""
+
+    default: str                                 # fast | thorough
+    kernel_aware: KernelAwareConfig | None       # None: thorough is unavailable
+    source: str                                  # where the settings come from
+    unavailable: str | None = None               # why thorough cannot run (None: it can)
+    missing: str | None = None                   # packages kernel-aware restoration needs that are not installed
+
+    @property
+    def available(self) -> list[str]:
+        return ["fast"] if self.unavailable else ["fast", "thorough"]
+
+    def check(self, mode: str, asked: bool) -> None:
+        """400 ``mode_unavailable`` when ``mode`` was asked (or a psf part sent) and cannot run; 503 when it
+        is the worker's default."""
+        if mode == "psf" and self.missing:
+            raise ApiError(400, "mode_unavailable", f"a psf part (non-blind deconvolution): {self.missing}")
+        if mode != "thorough" or self.unavailable is None:
+            return
+        if asked:
+            raise ApiError(400, "mode_unavailable", f"mode=thorough: {self.unavailable}; or send mode=fast")
+        raise ApiError(503, "model_unavailable", f"this worker's default mode is thorough ({self.source}), but "
+                       f"{self.unavailable}; send mode=fast meanwhile")
+
+    def report(self) -> dict:
+        return {"default": self.default, "available": self.available, "unavailable": self.unavailable,
+                "source": self.source,
+                "kernel_aware": self.kernel_aware.model_dump(mode="json") if self.kernel_aware else None}
+
+
+def resolve_modes(source: ModelSource, meta: dict | None) -> Modes:
+    """The thorough mode's settings and the default mode: the artifact's ``kernel_aware`` section (absent in
+    artifacts exported before kernel-aware restoration: fast only, a clear error for thorough); for a registry
+    URI, params.yaml's (where the worker's other settings come from too)."""
+    packages = [name for name in THOROUGH_NEEDS if importlib.util.find_spec(name) is None]
+    missing = (f"kernel-aware restoration needs {' and '.join(PIP_NAMES[n] for n in packages)}, not installed on "
+               f"this worker (pip install {' '.join(PIP_NAMES[n] for n in packages)})") if packages else None
+    if meta is not None:
+        where = f"{source.describe()}/model.json kernel_aware"
+        raw = meta.get("kernel_aware")
+        if raw is None:
+            why = ("this model's serving artifact was exported without kernel-aware settings (no kernel_aware in "
+                   "model.json): export it again (the register stage of dvc repro, or deblur.serving."
+                   "export_serving_artifact(..., kernel_aware=...)) or register it again")
+            return Modes("fast", None, where, why, missing)
+        try:
+            settings = KernelAwareConfig.model_validate(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            return Modes("fast", None, where, f"the model's kernel_aware settings are invalid "
+                         f"({'.'.join(map(str, first['loc']))}: {first['msg']}); export it again", missing)
+    elif source.model_uri is not None:
+        params_path = Path(os.environ.get("DEBLUR_PARAMS", "params.yaml"))
+        where = f"{params_path} kernel_aware"
+        try:
+            settings = load_params(params_path).kernel_aware
+        except Exception as err:   # noqa: BLE001  (an unreadable params file: no thorough mode, and why)
+            return Modes("fast", None, where, f"no kernel-aware settings could be read from {params_path} ({err})",
+                         missing)
+    else:
+        return Modes("fast", None, "none", "no usable serving artifact", missing)
+    if missing:
+        log.warning("thorough mode unavailable: %s", missing)
+    return Modes(settings.default_mode, settings, where, missing, missing)
 
 
 class ModelHolder:
@@ -138,23 +219,30 @@ class DeblurResult:
     alpha: str
     timings_ms: dict[str, float]
     sampling: dict[str, int] | None = None   # a diffusion refiner's seed and steps, as used
+    mode: str = "fast"                       # fast | thorough | psf
+    chosen: str | None = None                # thorough: the candidate kept (deblur.psf.restore.CANDIDATES); psf: "psf"
+    psf_shape: tuple[int, int] | None = None
+    media_type: str | None = None            # set when the body is not the image (return_psf: JSON)
 
 
 def process_image(holder: ModelHolder, serving: ServingConfig, data: bytes, fmt: str, tile_size: int,
                   overlap: int, queued_at: float, sampling: dict[str, int] | None = None,
-                  control=None) -> DeblurResult:
-    """Decode, deblur and encode one image (on an inference thread). ``control``
-    (deblur.service.admission.RequestControl) may stop it before decoding and after any tile batch."""
+                  control=None, mode: str = "fast", kernel_aware: KernelAwareConfig | None = None,
+                  psf=None, return_psf: bool = False) -> DeblurResult:
+    """Decode, restore and encode one image (on an inference thread). ``control``
+    (deblur.service.admission.RequestControl) may stop it before decoding and after any tile batch.
+    ``mode``: fast (the model), thorough (kernel-aware, with ``kernel_aware`` settings) or psf (non-blind
+    deconvolution with ``psf``); ``return_psf``: the body is JSON with the image and the kernel."""
     timings = {"queue": _lap(queued_at)}
     mark = time.perf_counter()
     model = holder.get()
     timings["load"] = _lap(mark)
     if control is not None:
         control.start()
-    if sampling and not model.samples:
+    if sampling and mode != "psf" and not model.samples:
         raise ApiError(400, "invalid_parameter", f"{' and '.join(f'{k}=' for k in sampling)} apply to diffusion "
                        f"refiner models only; this model is a {model.architecture}")
-    sampling = model.sampling_for(**(sampling or {})) if model.samples else None
+    sampling = model.sampling_for(**(sampling or {})) if mode != "psf" and model.samples else None
     if sampling:
         log.info("diffusion refiner: seed=%d steps=%d", sampling["seed"], sampling["steps"])
     mark = time.perf_counter()
@@ -164,16 +252,74 @@ def process_image(holder: ModelHolder, serving: ServingConfig, data: bytes, fmt:
         raise ApiError(400, "invalid_image", f"{err}; send a complete JPEG, PNG, WebP, TIFF, BMP or GIF file") from err
     timings["decode"] = _lap(mark)
     mark = time.perf_counter()
-    restored = model.deblur(decoded.rgb, tile_size, overlap, sampling,
-                            on_batch=control.on_batch if control is not None else None)
+    on_batch = control.on_batch if control is not None else None
+    kernel, chosen, evidence, stages = None, None, {}, {}
+    if mode == "thorough":
+        from deblur.psf.restore import restore_thorough
+
+        def network(rgb):
+            return model.deblur(rgb, tile_size, overlap, sampling, on_batch=on_batch)
+
+        outcome, _ = restore_thorough(decoded.rgb, network, kernel_aware)
+        restored, chosen, kernel, evidence, stages = (outcome.image, outcome.chosen, outcome.psf, outcome.evidence,
+                                                     outcome.seconds)
+        log.info("thorough: %s (%s)", chosen, evidence.get("reason", ""))
+    elif mode == "psf":
+        from deblur.psf.deconvolve import deconvolve
+
+        restored, chosen, kernel = deconvolve(decoded.rgb, psf, workers=serving.threads), "psf", psf
+    else:
+        restored = model.deblur(decoded.rgb, tile_size, overlap, sampling, on_batch=on_batch)
     timings["infer"] = _lap(mark)
+    if "estimate" in stages:
+        timings["estimate"] = stages["estimate"] * 1000
     mark = time.perf_counter()
     body = encode_image(restored, fmt, alpha=decoded.alpha, quality=serving.output_quality)
+    media_type = None
+    if return_psf:
+        body = restoration_json(body, fmt, restored, mode, chosen, kernel, evidence, stages)
+        media_type = "application/json"
     timings["encode"] = _lap(mark)
     alpha = "none" if decoded.alpha is None else ("kept" if fmt in ("PNG", "WEBP") else "dropped")
     height, width = restored.shape[:2]
     return DeblurResult(body=body, fmt=fmt, width=width, height=height, alpha=alpha, timings_ms=timings,
-                        sampling=sampling)
+                        sampling=sampling, mode=mode, chosen=chosen,
+                        psf_shape=None if kernel is None else tuple(int(v) for v in kernel.shape[:2]),
+                        media_type=media_type)
+
+
+IMAGE_MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+def restoration_json(image: bytes, fmt: str, restored, mode: str, chosen: str | None, kernel,
+                     evidence: dict, stages: dict) -> bytes:
+    """The ``?return_psf=1`` answer: the encoded image and the blur kernel (a 16-bit PNG scaled to its peak and
+    the normalised float32 ``.npy``), base64, with the choice and its evidence (documentation/serving.md)."""
+    psf_png = psf_npy = None
+    if kernel is not None:
+        import numpy as np
+
+        from deblur.psf.io import psf_to_png_bytes
+
+        npy = io.BytesIO()
+        np.save(npy, (kernel / kernel.sum()).astype(np.float32))
+        psf_png = base64.b64encode(psf_to_png_bytes(kernel)).decode("ascii")
+        psf_npy = base64.b64encode(npy.getvalue()).decode("ascii")
+    height, width = restored.shape[:2]
+    answer = {
+        "mode": mode,
+        "chosen": chosen,
+        "media_type": IMAGE_MEDIA_TYPES[fmt],
+        "width": int(width),
+        "height": int(height),
+        "image": base64.b64encode(image).decode("ascii"),
+        "psf": psf_png,
+        "psf_npy": psf_npy,
+        "psf_size": None if kernel is None else [int(kernel.shape[0]), int(kernel.shape[1])],
+        "evidence": evidence,
+        "seconds": {name: round(float(value), 4) for name, value in stages.items()},
+    }
+    return json.dumps(answer).encode()
 
 
 def _lap(mark: float) -> float:
