@@ -8,14 +8,17 @@ export PATH := $(BIN):$(PATH)
 
 DVC_REMOTE ?= $(abspath ../deblur-dvc-store)
 
-.PHONY: install demo repro test test-fast serve function-package bench clean-pipeline dvc-remote tracking-server tracking-server-stop
+SHELL := /bin/bash
+
+.PHONY: compare install demo repro test test-fast serve function-package bench clean-pipeline dvc-remote tracking-server tracking-server-stop
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -e .
+	@echo "installing the pinned dependencies into $(VENV) (CPU torch, MLflow, DVC, ...: a few minutes on a fresh machine)"
+	set -o pipefail; $(PY) -m pip install -r requirements.txt -e . | { grep -E --line-buffered "^(Collecting|Successfully)" || true; }
 	touch $@
 
 demo: install
@@ -27,6 +30,10 @@ demo: install
 
 repro: install
 	dvc repro
+
+# Experiments at a glance: only the params and metrics that differ between experiments, no bookkeeping columns.
+compare: install
+	dvc exp show --only-changed --drop 'Created|State|Executor' --precision 3
 
 test: install
 	$(PY) -m pytest

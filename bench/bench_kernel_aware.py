@@ -183,6 +183,32 @@ def markdown(meta: dict, table: dict, speed: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reselect(path: Path, cfg) -> int:
+    """The selector of ``cfg`` applied to the candidates' scores a previous run stored (every candidate of
+    every case was computed, so changing a threshold needs no new restoration)."""
+    from deblur.psf.estimate import KernelEstimate
+
+    out = json.loads(path.read_text())
+    for r in out["rows"]:
+        ev = r["evidence"]
+        if "support_px" not in ev:
+            continue
+        est = KernelEstimate(kernel=np.zeros((1, 1)), support=ev["support_px"], crop_kernels=(), crop_boxes=(),
+                             crop_agreement=ev["crop_agreement"], reblur_residual=ev["reblur_residual"],
+                             confidence=ev["confidence"], seconds=0.0)
+        r["chosen"], new_evidence = choose(est, cfg, ev.get("overshoot"))
+        r["evidence"] = {**new_evidence, "overshoot": ev.get("overshoot")}
+        r["thorough"] = r["psnr"].get(r["chosen"], r["psnr"]["network"])
+    out["buckets"] = bucket_table(out["rows"])
+    out["meta"]["settings"] = cfg.model_dump()
+    out["meta"]["reselected"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    text = markdown(out["meta"], out["buckets"], out.get("seconds_per_720p"))
+    path.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
@@ -195,11 +221,15 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=0, help="only the first N photos (a quick look)")
     parser.add_argument("--calibrate", action="store_true", help="training photos; writes the threshold table")
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--reselect", action="store_true",
+                        help="re-apply the selector of params.yaml to the rows of the last results (no restoration)")
     parser.add_argument("--error-ratio", action="store_true", help="also Levin's error ratio (2 more deconvolutions "
                         "per case; bench_kernel_estimation.py reports it)")
     args = parser.parse_args()
     params = load_params(Path(args.params))
     cfg, gamma = params.kernel_aware, params.synthesize.gamma
+    if args.reselect:
+        return reselect(RESULTS / ("kernel_selector_calibration.json" if args.calibrate else "kernel_aware.json"), cfg)
     network = network_latent_fn(args.checkpoint, threads=args.threads,
                                 tiling=(params.tiling.tile_size, params.tiling.overlap, params.tiling.batch_size))
     if args.calibrate:
