@@ -68,6 +68,8 @@ def contract_error(message: str) -> MlflowException:
 class DeblurPyfunc(mlflow.pyfunc.PythonModel):
     """Wraps a deblur checkpoint (artifact ``checkpoint``) for ``mlflow.pyfunc``."""
 
+    kernel_aware = None   # KernelAwareConfig from model_config; None (fast mode only) for subclasses that set none
+
     def load_context(self, context) -> None:
         from deblur.checkpoints import model_from_checkpoint
         from deblur.config import TilingConfig
