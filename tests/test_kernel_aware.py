@@ -146,6 +146,7 @@ def test_the_pyfunc_takes_a_mode_and_a_psf_column(tmp_path, mlflow_uri, astronau
 
     ckpt = make_checkpoint(tmp_path / "ckpt.pt", "stacked_conv", channels=8, depth=2)
     tiling = TilingConfig.model_validate({"tile_size": 128, "overlap": 16, "batch_size": 2})
+    mlflow.set_tracking_uri(mlflow_uri)   # the fluent API keeps an earlier test's store otherwise
     mlflow.set_experiment("kernel-aware")
     with mlflow.start_run():
         uri = log_deblur_model(ckpt, tiling, max_pixels=4_000_000, kernel_aware=CFG)
