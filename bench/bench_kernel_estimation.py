@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quality_speed import HELD_OUT_DIR, bucket_photos, shake_bucket_set  # noqa: E402
+from bench_quality_speed import HELD_OUT_DIR, bucket_photos, network_latent_fn, shake_bucket_set  # noqa: E402
 
 from deblur.config import load_params  # noqa: E402
 from deblur.data.blur import BlurSpec, apply_blur, kernel_image  # noqa: E402
 from deblur.evaluation import kernel_buckets  # noqa: E402
 from deblur.psf.deconvolve import deconvolve_linear  # noqa: E402
-from deblur.psf.estimate import LUMA, EstimatorSettings, decode_srgb, estimate_kernel, network_latent_fn  # noqa: E402
+from deblur.psf.estimate import LUMA, EstimatorSettings, decode_srgb, estimate_kernel  # noqa: E402
 from deblur.psf.metrics import error_ratio, kernel_ncc, support_size  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

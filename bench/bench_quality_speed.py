@@ -36,6 +36,7 @@ import json
 import time
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -61,6 +62,20 @@ HELD_OUT_DIR = ROOT / "data" / "heldout_photos"    # bench/fetch_heldout_photos.
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 MIN_BUCKET_PHOTOS = 20
 HYPER_LAPLACIAN = "hyper-Laplacian (true kernel)"
+
+
+def network_latent_fn(checkpoint_path: str | Path, threads: int = 2,
+                      tiling: tuple[int, int, int] = (288, 32, 1)) -> Callable[[np.ndarray], np.ndarray]:
+    """A ``latent_fn`` running a trained checkpoint (e.g. checkpoints/pretrained/nafnet16.pt) with the
+    service's tiled inference."""
+    torch.set_num_threads(threads)
+    model = model_from_checkpoint(load_checkpoint(checkpoint_path))
+
+    def latent(rgb: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return deblur_array(model, np.ascontiguousarray(rgb), tiling)
+
+    return latent
 
 
 def held_out_photos(max_side: int) -> dict[str, np.ndarray]:

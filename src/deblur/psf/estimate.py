@@ -16,7 +16,8 @@ Method (documentation/kernel_aware.md), on linear-light luminance:
 - two final alternations at full resolution with a weaker L0 weight (a latent with more texture); the
   crops' kernels are compared (NCC), and the medoid averaged with those that agree.
 
-Only numpy/scipy/OpenCV here; ``network_latent_fn`` imports torch when it is called.
+Only numpy/scipy/OpenCV here; the network comes in as a callable (``bench_quality_speed.network_latent_fn`` builds one
+from a checkpoint), so this package imports nothing above it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from itertools import combinations
-from pathlib import Path
 from typing import Callable
 
 import cv2
@@ -98,7 +98,7 @@ def estimate_kernel(image: np.ndarray, max_kernel_size: int = 61, latent_fn: Lat
                     settings: EstimatorSettings | None = None) -> KernelEstimate:
     """Estimate the (spatially uniform) blur kernel of an sRGB uint8 HxWx3 photo.
 
-    ``latent_fn`` (e.g. ``network_latent_fn(checkpoint)``) gives a sharp estimate of an sRGB uint8
+    ``latent_fn`` (e.g. the served model's fast mode) gives a sharp estimate of an sRGB uint8
     image; it is used at the coarse scales only (``settings.network_max_kernel``).
     """
     start = time.perf_counter()
@@ -491,25 +491,6 @@ def latent_fn_luminance(latent_fn: LatentFn, rgb_linear: np.ndarray, gamma: floa
         raise ValueError(f"latent_fn returned {sharp.shape}, expected {luminance.shape} x 3")
     return decode_srgb(sharp, gamma) @ LUMA if sharp.dtype == np.uint8 else \
         np.power(np.clip(sharp, 0.0, 1.0), gamma).astype(np.float32) @ LUMA
-
-
-def network_latent_fn(checkpoint_path: str | Path, threads: int = 2,
-                      tiling: tuple[int, int, int] = (288, 32, 1)) -> LatentFn:
-    """A ``latent_fn`` running a trained checkpoint (e.g. checkpoints/pretrained/nafnet16.pt) with the
-    service's tiled inference; torch is imported here only."""
-    import torch
-
-    from deblur.checkpoints import load_checkpoint, model_from_checkpoint
-    from deblur.tiling import deblur_array
-
-    torch.set_num_threads(threads)
-    model = model_from_checkpoint(load_checkpoint(checkpoint_path))
-
-    def latent(rgb: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return deblur_array(model, np.ascontiguousarray(rgb), tiling)
-
-    return latent
 
 
 def _check_rgb(image: np.ndarray) -> np.ndarray:
