@@ -160,3 +160,12 @@ def seconds_per_tile(model_dir: Path, tile: int = 64) -> float:
     run = subprocess.run([sys.executable, "-c", SECONDS_PER_TILE, str(model_dir), str(tile)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600, check=True)
     return float(run.stdout.split()[-1])
+
+
+def wait_for(condition, timeout: float, step: float = 0.05) -> float:
+    """Seconds until ``condition()`` holds; fails after ``timeout`` (an upper bound on an event, not a speed)."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"not within {timeout} s"
+        time.sleep(step)
+    return time.monotonic() - started

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from deblur.service.admission import InferenceGate
-from serving_support import PARAMS, ROOT, encode, make_artifact, running_server, seconds_per_tile, smooth_rgb
+from serving_support import PARAMS, ROOT, encode, make_artifact, running_server, seconds_per_tile, smooth_rgb, wait_for
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from build_function_package import build_package  # noqa: E402
@@ -325,14 +325,6 @@ def side_for(server, seconds: float) -> int:
     in the worker, measured now (serving_support.seconds_per_tile)."""
     return int(min(64 * math.ceil(math.sqrt(seconds / seconds_per_tile(server.model_dir))), 4000))
 
-
-def wait_for(condition, timeout: float, step: float = 0.05) -> float:
-    """Seconds until ``condition()`` holds; fails after ``timeout`` (an upper bound on an event, not a speed)."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"not within {timeout} s"
-        time.sleep(step)
-    return time.monotonic() - started
 
 
 def test_the_key_has_one_name_and_never_reaches_the_log(keyed_server):

@@ -22,7 +22,7 @@ from deblur.service.admission import check_expected_time
 from deblur.service.errors import ApiError
 from deblur.speed import BUILT_IN_PRIOR, PRIOR_KEY, Line, SpeedModel, SpeedPrior, plan_tiles, prior_from_meta
 from deblur.tiling import tiled_inference
-from serving_support import PARAMS, encode, make_artifact, running_server, seconds_per_tile, smooth_rgb
+from serving_support import PARAMS, encode, make_artifact, running_server, seconds_per_tile, smooth_rgb, wait_for
 
 SMALL = {"channels": 8, "depth": 3}      # a few ms per tile
 SLOW = {"channels": 32, "depth": 6}      # seconds per 720p image with 64-pixel tiles: time to cancel it
@@ -146,14 +146,6 @@ def assert_error(response: httpx.Response, status: int, code: str, mentions: str
     assert response.status_code == status, (response.status_code, response.headers)
     assert response.json()["error"] == code and mentions in response.json()["detail"], response.text
 
-
-def wait_for(condition, timeout: float, step: float = 0.05) -> float:
-    """Seconds until ``condition()`` holds; fails after ``timeout``."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, f"not within {timeout} s"
-        time.sleep(step)
-    return time.monotonic() - started
 
 
 def test_six_tiny_requests_and_odd_tiling_do_not_lock_out_a_720p_image(tmp_path):
