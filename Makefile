@@ -24,9 +24,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 demo: install
 	@test -d .dvc || dvc init -q
 	dvc repro synthesize
-	$(PY) -m deblur.import_pretrained --register checkpoints/pretrained/nafnet16.pt
+	$(PY) -m deblur.cli.import_pretrained --register checkpoints/pretrained/nafnet16.pt
 	DEBLUR_PIPELINE_ID=demo-$$(date +%Y%m%d-%H%M%S) dvc repro
-	$(PY) -m deblur.summary
+	$(PY) -m deblur.cli.summary
 
 repro: install
 	dvc repro

@@ -23,7 +23,7 @@ Model: ``--model-uri`` in ``--tracking-uri`` (default ``models:/deblur@champion`
 ``sqlite:///mlflow.db``, what ``make demo`` registers) if it resolves; else the shipped NAFNet-16
 (``checkpoints/pretrained/nafnet16.pt``, the demo's champion) registered as ``deblur`` with the
 alias ``champion`` in a temporary sqlite store, as the register stage logs it
-(``deblur.mlflow_model.log_deblur_model``).
+(``deblur.tracking.pyfunc.log_deblur_model``).
 
     nice -n 10 python bench/bench_busy_serving.py [--repeats 5] [--hogs 2] [--no-before]
 
@@ -62,8 +62,8 @@ THREAD_VARIABLES = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GO
 REGISTER = """
 import sys
 import mlflow
-from deblur.config import load_params
-from deblur.mlflow_model import log_deblur_model
+from deblur.core.config import load_params
+from deblur.tracking.pyfunc import log_deblur_model
 
 params = load_params(sys.argv[1])
 mlflow.set_tracking_uri(sys.argv[3])
@@ -79,8 +79,9 @@ EXPORT = """
 import sys
 from pathlib import Path
 import mlflow
-from deblur.config import load_params
-from deblur.serving import _parse_models_uri, export_serving_artifact
+from deblur.core.config import load_params
+from deblur.artifact.export import export_serving_artifact
+from deblur.tracking.registry_io import parse_models_uri as _parse_models_uri
 
 params, uri, out = load_params(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 mlflow.set_tracking_uri(sys.argv[4])

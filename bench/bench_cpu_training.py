@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deblur.config import load_params
-from deblur.losses import CompositeLoss
-from deblur.models import build_model, configure_inference, count_parameters
-from deblur.tiling import deblur_array
+from deblur.core.config import load_params
+from deblur.training.losses import CompositeLoss
+from deblur.models.build import build_model, configure_inference, count_parameters
+from deblur.inference.tiling import deblur_array
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -91,11 +91,12 @@ def frame_seconds(profiles: dict[str, Path], threads: int, repeats: int) -> dict
 def val_psnr(checkpoint: Path, pairs_dir: Path, max_images: int, threads: int) -> tuple[int, float, float]:
     """(step, val PSNR, blurred-input PSNR) of a checkpoint on a run's val split, computed as the
     trainer validates (its first ``train.val_max_images`` pairs, whole images, inference form, uint8 output)."""
-    from deblur.checkpoints import load_checkpoint, model_from_checkpoint
+    from deblur.models.checkpoint_file import load_checkpoint
+    from deblur.models.build import model_from_checkpoint
     from deblur.data.datasets import to_tensor, to_uint8
     from deblur.data.pairs import read_pairs
-    from deblur.imageio import read_rgb
-    from deblur.metrics import psnr
+    from deblur.core.imageio import read_rgb
+    from deblur.evaluation.metrics import psnr
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)

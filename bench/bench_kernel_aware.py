@@ -28,10 +28,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality_speed import HELD_OUT_DIR, bucket_photos, centre_crop, network_latent_fn, shake_bucket_set  # noqa: E402
 
-from deblur.config import load_params  # noqa: E402
+from deblur.core.config import load_params  # noqa: E402
 from deblur.data.ingest import EMBEDDED_PHOTOS, downscale  # noqa: E402
-from deblur.evaluation import kernel_buckets  # noqa: E402
-from deblur.metrics import psnr  # noqa: E402
+from deblur.evaluation.scoring import kernel_buckets  # noqa: E402
+from deblur.evaluation.metrics import psnr  # noqa: E402
 from deblur.psf.deconvolve import deconvolve  # noqa: E402
 from deblur.psf.metrics import error_ratio, kernel_ncc  # noqa: E402
 from deblur.psf.restore import CANDIDATES, choose, restore_thorough  # noqa: E402

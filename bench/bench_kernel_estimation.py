@@ -26,9 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality_speed import HELD_OUT_DIR, bucket_photos, network_latent_fn, shake_bucket_set  # noqa: E402
 
-from deblur.config import load_params  # noqa: E402
+from deblur.core.config import load_params  # noqa: E402
 from deblur.data.blur import BlurSpec, apply_blur, kernel_image  # noqa: E402
-from deblur.evaluation import kernel_buckets  # noqa: E402
+from deblur.evaluation.scoring import kernel_buckets  # noqa: E402
 from deblur.psf.deconvolve import deconvolve_linear  # noqa: E402
 from deblur.psf.estimate import LUMA, EstimatorSettings, decode_srgb, estimate_kernel  # noqa: E402
 from deblur.psf.metrics import error_ratio, kernel_ncc, support_size  # noqa: E402

@@ -30,16 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deblur import lora
-from deblur.checkpoints import load_checkpoint, model_from_checkpoint
-from deblur.config import load_params
+from deblur.models import lora
+from deblur.models.checkpoint_file import load_checkpoint
+from deblur.models.build import model_from_checkpoint
+from deblur.core.config import load_params
 from deblur.data.blur import BlurSpec, apply_blur, disk_kernel
 from deblur.data.datasets import to_tensor
-from deblur.losses import CompositeLoss
-from deblur.metrics import psnr
-from deblur.models import configure_inference
-from deblur.progress import progress
-from deblur.tiling import deblur_array
+from deblur.training.losses import CompositeLoss
+from deblur.evaluation.metrics import psnr
+from deblur.models.build import configure_inference
+from deblur.core.progress import progress
+from deblur.inference.tiling import deblur_array
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -170,8 +171,8 @@ def main() -> None:
 def save_figure(record: dict, shown: dict, example, path: Path) -> None:
     """Blurred, base, best LoRA, best full fine-tune (by mean gain) and sharp on one test image,
     PSNR in the titles; below, a zoomed centre crop of each."""
-    from deblur.imageio import write_png
-    from deblur.viz import hstack, vstack
+    from deblur.core.imageio import write_png
+    from deblur.core.viz import hstack, vstack
 
     blurred, sharp, radius = example
     best = {m: max((r for r in record["runs"] if r["method"] == m), key=lambda r: r["gain_over_base_db"])

@@ -15,7 +15,7 @@ Writes bench/results/quality_speed.{json,md}, documentation/img/quality_speed.pn
 triptychs documentation/img/results_*.png.
 
 ``--shake-buckets`` instead scores camera shake per kernel-size bucket (``<=21``, ``23-41``,
-``>=43`` px: ``deblur.evaluation.KERNEL_BUCKET_EDGES``) on the 4 scikit-image held-out photos
+``>=43`` px: ``deblur.evaluation.scoring.KERNEL_BUCKET_EDGES``) on the 4 scikit-image held-out photos
 plus the photos fetched once by ``bench/fetch_heldout_photos.sh`` (``--heldout-dir``), each
 downscaled to ``--bucket-max-side`` and centre-cropped to at most ``--crop`` px square. Every
 (photo, bucket) pair gets its own seeded camera-shake kernel whose support lies in the bucket,
@@ -41,17 +41,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from deblur import viz
-from deblur.checkpoints import load_checkpoint, model_from_checkpoint
-from deblur.config import ModelConfig, load_params
+from deblur.core import viz
+from deblur.models.checkpoint_file import load_checkpoint
+from deblur.models.build import model_from_checkpoint
+from deblur.core.config import ModelConfig, load_params
 from deblur.data.blur import BlurSpec, apply_blur, motion_kernel, sample_blur
 from deblur.data.ingest import downscale
-from deblur.evaluation import classical_deconvolution, kernel_bucket, kernel_buckets
-from deblur.imageio import read_rgb, write_png
-from deblur.metrics import psnr, ssim
-from deblur.models import build_model, configure_inference, count_parameters
+from deblur.evaluation.scoring import classical_deconvolution, kernel_bucket, kernel_buckets
+from deblur.core.imageio import read_rgb, write_png
+from deblur.evaluation.metrics import psnr, ssim
+from deblur.models.build import build_model, configure_inference, count_parameters
 from deblur.psf.deconvolve import deconvolve
-from deblur.tiling import deblur_array
+from deblur.inference.tiling import deblur_array
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

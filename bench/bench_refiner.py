@@ -1,6 +1,6 @@
 """CPU cost of the diffusion refiner: seconds per megapixel by sampling steps and unshuffle factor.
 
-Times ``deblur.tiling.deblur_array`` (the path of evaluate and the HTTP service: the predictor
+Times ``deblur.inference.tiling.deblur_array`` (the path of evaluate and the HTTP service: the predictor
 tiled, then whole-image sampling with the UNet tiled inside each step) on one photo-like
 image, for each unshuffle factor and step count, beside the predictor alone in the same run.
 The UNet is params.yaml's ``model.diffusion_refiner`` with random weights (speed does not
@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deblur.config import load_params
-from deblur.models import build_model
-from deblur.tiling import deblur_array
+from deblur.core.config import load_params
+from deblur.models.build import build_model
+from deblur.inference.tiling import deblur_array
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -58,11 +58,11 @@ def best_seconds(fn, repeats: int) -> float:
 
 def figure(checkpoint: Path, pairs: Path, params_path: Path, out: Path, crop: int = 128) -> dict:
     """Crops of blurred / predictor / refiner / sharp for one test pair per blur type, and tiled-vs-whole dB."""
-    from deblur.checkpoints import model_from_checkpoint
+    from deblur.models.build import model_from_checkpoint
     from deblur.data.pairs import read_pairs
-    from deblur.imageio import read_rgb, write_png
-    from deblur.metrics import psnr
-    from deblur.viz import hstack, vstack
+    from deblur.core.imageio import read_rgb, write_png
+    from deblur.evaluation.metrics import psnr
+    from deblur.core.viz import hstack, vstack
 
     params = load_params(params_path)
     model = model_from_checkpoint(checkpoint)

@@ -1,4 +1,4 @@
-"""Serving runtimes side by side in one run: torch vs ONNX Runtime (deblur.onnx_runtime).
+"""Serving runtimes side by side in one run: torch vs ONNX Runtime (deblur.artifact.onnx_model).
 
 From one checkpoint (default: the shipped NAFNet-16) it exports one serving artifact with
 both ``model.pt`` and ``model.onnx`` and measures:
@@ -71,8 +71,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def export_artifact(checkpoint: Path, out: Path) -> dict:
     """One serving artifact with model.pt and model.onnx; returns the export numbers."""
-    from deblur.config import load_params
-    from deblur.serving import export_serving_artifact
+    from deblur.core.config import load_params
+    from deblur.artifact.export import export_serving_artifact
 
     params = load_params(ROOT / "params.yaml")
     started = time.perf_counter()
@@ -84,8 +84,8 @@ def export_artifact(checkpoint: Path, out: Path) -> dict:
 
 def quality_720p(artifact: Path, threads: int) -> dict:
     """ONNX Runtime against torch through each runtime's own tiled path, on a 720p photo."""
-    from deblur.onnx_runtime import load_onnx_serving_model
-    from deblur.serving import load_serving_model
+    from deblur.artifact.onnx_model import load_onnx_serving_model
+    from deblur.artifact.torch_model import load_serving_model
 
     rgb = photo(1280, 720)
     results, seconds = {}, {}

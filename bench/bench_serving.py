@@ -136,8 +136,8 @@ def tiled_vs_naive(model_dir: Path, width: int, height: int, threads: int) -> di
     """The artifact's model in process: batched feathered tiles vs the naive loop, against whole-image inference."""
     import torch
 
-    from deblur.serving import load_serving_model
-    from deblur.tiling import naive_tiled_inference, tiled_inference
+    from deblur.artifact.torch_model import load_serving_model
+    from deblur.inference.tiling import naive_tiled_inference, tiled_inference
 
     served = load_serving_model(model_dir, threads=threads)
     rgb = np.asarray(Image.open(io.BytesIO(photo_jpeg(width, height))).convert("RGB"))

@@ -468,7 +468,7 @@ class Bench:
         return send(client, url, f"bad_{label}", body, content_type, params=params, timeout=timeout)
 
     def phase_soak(self) -> dict:
-        from deblur.progress import progress
+        from deblur.core.progress import progress
 
         seconds = self.args.minutes * 60
         deadline = time.monotonic() + seconds
@@ -675,8 +675,8 @@ def resolve_model_dir(requested: Path | None, keep: Path) -> tuple[Path, str]:
     if (shipped / "model.json").is_file():
         return shipped, "function_app/model"
     out = keep / "model"
-    code = ("import sys; from pathlib import Path; from deblur.config import load_params; "
-            "from deblur.serving import export_serving_artifact; p = load_params(Path(sys.argv[1])); "
+    code = ("import sys; from pathlib import Path; from deblur.core.config import load_params; "
+            "from deblur.artifact.export import export_serving_artifact; p = load_params(Path(sys.argv[1])); "
             "export_serving_artifact(sys.argv[2], sys.argv[3], {'name': 'nafnet16-pretrained', 'version': 'none', "
             "'alias': 'none', 'run_id': None, 'metrics': {}}, tiling=p.tiling, serving=p.serving)")
     subprocess.run([sys.executable, "-c", code, str(ROOT / "params.yaml"), str(PRETRAINED), str(out)],

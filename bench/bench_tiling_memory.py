@@ -1,6 +1,6 @@
 """Peak memory of tiled inference on large images: one weight tile per tile position vs a cache.
 
-BEFORE is the implementation of ``deblur.tiling.tiled_inference`` before issue #10 item 5,
+BEFORE is the implementation of ``deblur.inference.tiling.tiled_inference`` before issue #10 item 5,
 kept below as ``tiled_inference_before``: it built one 2-D weight tile per tile position.
 AFTER is the package's ``tiled_inference``, which builds each distinct weight tile once
 (``BlendWeights``, at most nine) and divides by the summed weight a strip of rows at a
@@ -32,9 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deblur import tiling
-from deblur.tiling import (Tile, _as_float, _batches, _check_args, _cut_tile, _model_device_dtype, _round_up,
-                           feather_ramp, tile_starts)
+from deblur.inference import tiling
+from deblur.inference.tiling import (Tile, _as_float, _batches, _check_args, _cut_tile, _model_device_dtype, _round_up, feather_ramp, tile_starts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TILE_SIZE, OVERLAP, BATCH_SIZE = 288, 32, 1

@@ -27,9 +27,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def measure(params_path: str, model: str, device: str, variant: str, steps: int, threads: int) -> dict:
     import torch
 
-    from deblur.config import load_params
-    from deblur.losses import CompositeLoss
-    from deblur.models import build_model, count_parameters
+    from deblur.core.config import load_params
+    from deblur.training.losses import CompositeLoss
+    from deblur.models.build import build_model, count_parameters
 
     torch.set_num_threads(threads)
     params = load_params(params_path, overrides={"model.name": model})

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from deblur.config import BLUR_TYPES, load_params
+from deblur.core.config import BLUR_TYPES, load_params
 from deblur.data.blur import apply_blur, kernel_image, sample_blur
 from deblur.data.deadleaves import dead_leaves, default_palette
-from deblur.imageio import write_png
-from deblur.viz import contact_sheet
+from deblur.core.imageio import write_png
+from deblur.core.viz import contact_sheet
 
 KERNELS_PER_TYPE = 6
 

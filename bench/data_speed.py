@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deblur.config import BLUR_TYPES, load_params
+from deblur.core.config import BLUR_TYPES, load_params
 from deblur.data.blur import apply_blur, sample_blur
 from deblur.data.datasets import OnTheFlyPatches
 from deblur.data.deadleaves import dead_leaves
-from deblur.imageio import write_png
+from deblur.core.imageio import write_png
 
 
 def per_call_ms(fn, repeats: int) -> float:

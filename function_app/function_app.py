@@ -10,7 +10,7 @@ this file (app setting ``DEBLUR_MODEL_DIR`` overrides it).
 import os
 from pathlib import Path
 
-from deblur.runtime_env import prefer_passive_openmp
+from deblur.core.runtime_env import prefer_passive_openmp
 
 prefer_passive_openmp()   # OMP_WAIT_POLICY=PASSIVE before torch can load: the instance's cores are shared
 

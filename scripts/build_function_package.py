@@ -67,8 +67,9 @@ def build_package(out: Path, model_dir: Path, params: Path = ROOT / "params.yaml
 def _export_onnx_into(package_model: Path, model_dir: Path, meta: dict) -> dict:
     """Export ``model_dir``'s model.pt to ``package_model/model.onnx``; returns the updated metadata."""
     try:
-        from deblur.config import ServingConfig, TilingConfig
-        from deblur.onnx_runtime import add_onnx_model, exportable
+        from deblur.core.config import ServingConfig, TilingConfig
+        from deblur.artifact.export import add_onnx_model
+        from deblur.artifact.onnx_model import exportable
     except ImportError as err:
         raise PackageError(f"exporting model.onnx needs the project's environment ({err})") from err
     if not exportable(str(meta.get("architecture"))):

@@ -64,7 +64,7 @@ pyrun() { PYTHONPATH="$(code_dir)/src" "$py" "$@"; }
 params_digest() {
   pyrun - "$prof" "$@" <<'PY'
 import hashlib, json, sys
-from deblur.config import load_params
+from deblur.core.config import load_params
 dump = load_params(sys.argv[1]).model_dump(mode="json", by_alias=True)
 print(hashlib.sha256(json.dumps({k: dump[k] for k in sys.argv[2:]}, sort_keys=True).encode()).hexdigest()[:12])
 PY

@@ -32,7 +32,7 @@ PY
 "$py" - "$out" <<'PY'
 import json, shutil, sys, tempfile
 from pathlib import Path
-from deblur.config import load_params
+from deblur.core.config import load_params
 from deblur.data.ingest import run_ingest
 out = Path(sys.argv[1])
 params = load_params("params.yaml", overrides={"ingest.source": "embedded", "ingest.embedded.dead_leaves.count": 160})

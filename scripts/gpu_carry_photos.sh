@@ -31,7 +31,7 @@ from pathlib import Path
 from PIL import Image
 
 from deblur.data.ingest import _hidden, _is_image, downscale
-from deblur.imageio import decode_image
+from deblur.core.imageio import decode_image
 
 src, dest, quality, max_side = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 files = sorted(p for p in src.rglob("*") if _is_image(p) and not _hidden(p.relative_to(src)))

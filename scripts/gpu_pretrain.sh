@@ -29,7 +29,7 @@
 #   call 2:  only if call 1 failed early (the smoke stage fails within ~2 minutes): fix it here, then
 #            the same call with BUDGET_S = status's budget_left_s - 240 (a fresh start if it went cold).
 #   here:    cat $files_at/best.pt.* > best.pt; sha256sum -c best.pt.sha256;
-#            deblur.tracking.import_run($files_at/run.json, "deblur"); bench/bench_quality_speed.py.
+#            deblur.tracking.runs.import_run($files_at/run.json, "deblur"); bench/bench_quality_speed.py.
 #
 # Time of call 1 (device time 900 s): start ~180 s, then BUDGET_S=540 s of command: wheels ~20 s,
 # ingest + synthesize ~40 s, a smoke run (10 steps, validation, checkpoint, MLflow export; no

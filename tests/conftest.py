@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from deblur.config import Params, load_params, set_dotted
+from deblur.core.config import Params, load_params, set_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
 

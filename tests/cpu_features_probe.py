@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 from conftest import ROOT, TINY_OVERRIDES
 
-from deblur.config import DEGRADATION_TYPES, load_params
+from deblur.core.config import DEGRADATION_TYPES, load_params
 from deblur.data.blur import blur_pair
 from deblur.data.deadleaves import dead_leaves
 from deblur.data.ingest import derive_rng, run_ingest
 from deblur.data.synthesize import run_synthesize
-from deblur.tracking import files_digest
+from deblur.tracking.runs import files_digest
 
 
 def blur_digest(params) -> str:

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deblur.config import load_params
-from deblur.models import build_model
-from deblur.serving import export_serving_artifact
+from deblur.core.config import load_params
+from deblur.models.build import build_model
+from deblur.artifact.export import export_serving_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
@@ -132,11 +132,11 @@ def running_server(model_dir: Path | None, env: dict | None = None, need_model: 
 
 SECONDS_PER_TILE = """
 import sys, time
-from deblur.runtime_env import prefer_passive_openmp
+from deblur.core.runtime_env import prefer_passive_openmp
 
 prefer_passive_openmp()   # as a worker runs its threads
 import numpy as np
-from deblur.serving import load_serving_model
+from deblur.artifact.torch_model import load_serving_model
 
 model, tile = load_serving_model(sys.argv[1]), int(sys.argv[2])
 rgb = np.random.default_rng(0).integers(0, 256, (4 * tile, 4 * tile, 3), dtype=np.uint8)

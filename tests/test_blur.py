@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from deblur.config import BLUR_TYPES, load_params
-from deblur.data.blur import (BlurSpec, apply_blur, blur_pair, choose_blur_type, disk_kernel, kernel_image,
-                              sample_blur)
+from deblur.core.config import BLUR_TYPES, load_params
+from deblur.data.blur import (BlurSpec, apply_blur, blur_pair, choose_blur_type, disk_kernel, kernel_image, sample_blur)
 from deblur.data.deadleaves import dead_leaves
 from deblur.data.synthesize import psnr_uint8
 

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from serving_support import make_artifact, make_checkpoint, smooth_rgb
 
-from deblur.checkpoints import model_from_checkpoint
-from deblur.predict import collect_inputs
-from deblur.tiling import deblur_array
+from deblur.models.build import model_from_checkpoint
+from deblur.cli.predict import collect_inputs
+from deblur.inference.tiling import deblur_array
 
 DEBLUR = [sys.executable, "-m", "deblur"]
 
@@ -94,7 +94,7 @@ def test_same_names_from_different_places_do_not_overwrite_each_other(tmp_path):
 def test_predict_with_a_registered_model_uri(tmp_path, photos, mlflow_uri):
     import mlflow
 
-    from deblur.mlflow_model import SIGNATURE, DeblurPyfunc
+    from deblur.tracking.pyfunc import SIGNATURE, DeblurPyfunc
 
     mlflow.set_tracking_uri(mlflow_uri)
     ckpt = make_checkpoint(tmp_path / "checkpoint.pt", "stacked_conv", channels=8, depth=3)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deblur.config import ConfigError, load_params
+from deblur.core.config import ConfigError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from conftest import ROOT
-from deblur.checkpoints import model_from_checkpoint
-from deblur.config import ConfigError, load_params
-from deblur.diffusion.controlnet_sd import (PIXEL_LOSS_NAMES, ControlNetSDError, colour_fix, load_pipeline,
-                                            save_lora_from_checkpoint, sd_weights_hash, wavelet_low_frequency)
-from deblur.diffusion.tiny_sd import tiny_components, write_tiny_sd
-from deblur.models import build_model
+from deblur.models.build import model_from_checkpoint
+from deblur.core.config import ConfigError, load_params
+from deblur.models.diffusion.controlnet_sd import (PIXEL_LOSS_NAMES, ControlNetSDError, colour_fix, load_pipeline, save_lora_from_checkpoint, sd_weights_hash, wavelet_low_frequency)
+from deblur.models.diffusion.tiny_sd import tiny_components, write_tiny_sd
+from deblur.models.build import build_model
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +84,7 @@ def test_settings_that_cannot_work_are_refused_with_the_key():
 
 
 def test_one_training_step_changes_only_controlnet_and_lora(sd_dir, tmp_path):
-    from deblur.perceptual import AlexNetBackbone
+    from deblur.models.perceptual import AlexNetBackbone
 
     torch.manual_seed(1)
     backbone = tmp_path / "alexnet.pth"
@@ -230,7 +229,7 @@ def test_train_evaluate_register_through_the_stages_and_the_gate_refuses(sd_dir,
 
 
 def test_tiled_inference_samples_the_whole_image_at_once_with_the_predictors_estimate(sd_dir, tmp_path):
-    from deblur.tiling import tiled_inference
+    from deblur.inference.tiling import tiled_inference
 
     predictor_params = load_params(ROOT / "params.yaml", overrides={"model.name": "stacked_conv",
                                                                    "model.stacked_conv": {"channels": 8, "depth": 2}})

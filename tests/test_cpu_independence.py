@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from deblur import portable_math as pm
-from deblur.reproducible import AVX2_CAPS, cpu_has_avx2, pin_vector_unit
+from deblur.core import portable_math as pm
+from deblur.core.reproducible import AVX2_CAPS, cpu_has_avx2, pin_vector_unit
 
 # Written on an AVX2 machine (commit of this test); an AVX-512 machine must print the same.
 PORTABLE_MATH_DIGEST = "d136ba7b37178a695a8971dd742b60beb4ec21df982199ad3a7594305ed9029a"

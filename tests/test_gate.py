@@ -1,4 +1,4 @@
-"""The evidence-based promotion gate (deblur.gate), rule by rule."""
+"""The evidence-based promotion gate (deblur.evaluation.gate), rule by rule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from deblur.gate import Check, GateConfig, PairedScores, bootstrap_lower_bound, decide, paired_comparison, sign_test_p
+from deblur.evaluation.gate import (Check, GateConfig, PairedScores, bootstrap_lower_bound, decide, paired_comparison, sign_test_p)
 
 CFG = GateConfig(margin_db=0.05, confidence=0.95, bootstrap_samples=2000, min_gain_over_input_db=0.0,
                  min_pairs_per_blur_type=3, min_sharp_in_psnr=30.0, seed=0)

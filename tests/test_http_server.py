@@ -383,7 +383,7 @@ os.chdir(sys.argv[1])
 if sys.argv[2] == "function_app":
     import function_app  # noqa: F401   (its create_app() does not load the model yet)
 else:
-    from deblur.__main__ import main
+    from deblur.cli.main import main
     try:
         main(["predict", "--help"])
     except SystemExit:
@@ -411,7 +411,7 @@ def test_onnx_runtime_threads_do_not_spin(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from deblur.onnx_runtime import _session
+    from deblur.artifact.onnx_model import _session
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],

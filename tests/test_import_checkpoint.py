@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, write_params
-from deblur.__main__ import main
-from deblur.checkpoints import CheckpointError, load_checkpoint, model_from_checkpoint, save_atomic
-from deblur.config import load_params
-from deblur.import_pretrained import import_official
+from deblur.cli.main import main
+from deblur.models.checkpoint_file import CheckpointError, load_checkpoint, save_atomic
+from deblur.models.build import model_from_checkpoint
+from deblur.core.config import load_params
+from deblur.cli.import_pretrained import import_official
 from deblur.models.nafnet import NAFNet
-from deblur.official import OfficialCheckpointError, Origin, convert, infer_architecture, rename_keys
-from deblur.serving import load_serving_model
-from deblur.training import Trainer, TrainingError
+from deblur.models.official import OfficialCheckpointError, Origin, convert, infer_architecture, rename_keys
+from deblur.artifact.torch_model import load_serving_model
+from deblur.training.trainer import Trainer, TrainingError
 from test_training import TRAIN_OVERRIDES, pairs_dir  # noqa: F401  (module-scoped tiny pairs)
 
 ARCH = {"width": 8, "enc_blocks": (1, 2, 1), "middle_blocks": 2, "dec_blocks": (1, 1, 2)}   # multiple of 8
@@ -225,7 +226,7 @@ def test_deblur_import_checkpoint_registers_through_the_gate(tmp_path, pairs_dir
 
 
 def test_padding_is_validated():
-    from deblur.config import ConfigError
+    from deblur.core.config import ConfigError
     from deblur.models.common import pad_to_multiple
 
     with pytest.raises(ConfigError, match="padding"):

@@ -12,11 +12,11 @@ import pytest
 from conftest import ROOT, make_gopro_tree, run_script, write_params
 from PIL import Image
 
-from deblur.config import load_params
+from deblur.core.config import load_params
 from deblur.data.deadleaves import dead_leaves, layer_defocus_radii
 from deblur.data.ingest import IngestError, hash_split, read_manifest, run_ingest, unique_names
-from deblur.imageio import read_rgb
-from deblur.tracking import files_digest
+from deblur.core.imageio import read_rgb
+from deblur.tracking.runs import files_digest
 
 
 def _params(tiny_overrides, **overrides):

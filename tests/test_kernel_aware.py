@@ -16,12 +16,12 @@ from conftest import ROOT
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from deblur.config import load_params
+from deblur.core.config import load_params
 from deblur.data.blur import BlurSpec, apply_blur, motion_kernel
 from deblur.data.pairs import PairRecord
-from deblur.evaluation import evaluate_model
-from deblur.imageio import write_png
-from deblur.metrics import psnr
+from deblur.evaluation.scoring import evaluate_model
+from deblur.core.imageio import write_png
+from deblur.evaluation.metrics import psnr
 from deblur.psf.estimate import KernelEstimate
 from deblur.psf.restore import centroid_offset, choose, network_at_scale, register_to_input, restore_thorough, \
     restore_with_psf
@@ -139,9 +139,9 @@ def test_evaluation_scores_the_served_mode_and_the_kernel(tmp_path, astronaut):
 def test_the_pyfunc_takes_a_mode_and_a_psf_column(tmp_path, mlflow_uri, astronaut):
     from serving_support import make_checkpoint
 
-    from deblur.config import TilingConfig
-    from deblur.imageio import encode_image
-    from deblur.mlflow_model import log_deblur_model
+    from deblur.core.config import TilingConfig
+    from deblur.core.imageio import encode_image
+    from deblur.tracking.pyfunc import log_deblur_model
     from deblur.psf.io import psf_to_png_bytes
 
     ckpt = make_checkpoint(tmp_path / "ckpt.pt", "stacked_conv", channels=8, depth=2)

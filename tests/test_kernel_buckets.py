@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from conftest import ROOT, write_params
-from deblur import tracking
-from deblur.checkpoints import save_atomic
-from deblur.config import load_params
+from deblur.tracking import runs as tracking
+from deblur.models.checkpoint_file import save_atomic
+from deblur.core.config import load_params
 from deblur.data.pairs import read_pairs
-from deblur.evaluation import (EvalResult, ImageResult, bucket_key, evaluate_model, kernel_bucket, kernel_buckets,
-                               write_per_image_csv)
+from deblur.evaluation.scoring import (EvalResult, ImageResult, bucket_key, evaluate_model, kernel_bucket, kernel_buckets, write_per_image_csv)
 from deblur.stages.evaluate import flat_test_metrics
 from deblur.stages.register import read_per_image
 from test_training import TRAIN_OVERRIDES
@@ -105,7 +104,7 @@ def shake_world(tmp_path_factory):
     """Tiny camera-shake-only pairs and a tiny untrained stacked_conv checkpoint."""
     from deblur.data.ingest import run_ingest
     from deblur.data.synthesize import run_synthesize
-    from deblur.models import build_model
+    from deblur.models.build import build_model
 
     root = tmp_path_factory.mktemp("shake")
     params_file = write_params(root / "params.yaml", SHAKE_OVERRIDES)

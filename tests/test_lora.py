@@ -1,4 +1,4 @@
-"""LoRA adapters (deblur.lora, train.lora): identity at init, only the adapter trains, merge and
+"""LoRA adapters (deblur.models.lora, train.lora): identity at init, only the adapter trains, merge and
 save/reload reproduce outputs, on NAFNet and diffusers' UNet2DModel; and one adapter through
 the train, evaluate and register stages to the registry and back out for inference."""
 
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from conftest import ROOT, write_params
-from deblur import lora
-from deblur.config import ConfigError, load_params
-from deblur.models import build_model
+from deblur.models import lora
+from deblur.core.config import ConfigError, load_params
+from deblur.models.build import build_model
 from test_training import TRAIN_OVERRIDES
 
 TINY_NAFNET = {"width": 8, "enc_blocks": [1, 1], "middle_blocks": 1, "dec_blocks": [1, 1], "tlc": True,
@@ -121,7 +121,7 @@ def test_clear_errors_for_bad_targets_and_a_missing_base():
 
 
 def test_runs_saved_before_train_lora_existed_still_resume():
-    from deblur.training import PARAMS_ADDED_SINCE, resume_mismatch
+    from deblur.training.trainer import PARAMS_ADDED_SINCE, resume_mismatch
 
     lora_section = load_params(ROOT / "params.yaml").train.lora.model_dump(mode="json")
     assert {k: PARAMS_ADDED_SINCE[f"train.lora.{k}"] for k in lora_section} == lora_section   # params.yaml's "off"
@@ -150,14 +150,17 @@ LORA_PIPELINE = {
 
 @pytest.mark.slow
 def test_adapter_trains_evaluates_registers_against_its_base_version_and_serves(tmp_path, mlflow_uri):
-    from deblur.checkpoints import load_checkpoint, model_from_checkpoint
+    from deblur.models.checkpoint_file import load_checkpoint
+    from deblur.models.build import model_from_checkpoint
     from deblur.data.ingest import run_ingest
     from deblur.data.synthesize import run_synthesize
-    from deblur.serving import export_serving_artifact, load_from_model_uri, load_serving_model
+    from deblur.artifact.export import export_serving_artifact
+    from deblur.artifact.torch_model import load_serving_model
+    from deblur.tracking.registry_serving import load_from_model_uri
     from deblur.stages.evaluate import run_evaluate
     from deblur.stages.register import run_register
     from deblur.stages.train import run_train
-    from deblur.tiling import deblur_array
+    from deblur.inference.tiling import deblur_array
 
     def pipeline(tag: str, overrides: dict) -> tuple[dict, dict]:
         params_file = write_params(tmp_path / f"{tag}.yaml", {**LORA_PIPELINE, **overrides})

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deblur.config import LossConfig, load_params
-from deblur.losses import LOSSES, MSSSIM, CompositeLoss, ssim_window
+from deblur.core.config import LossConfig, load_params
+from deblur.training.losses import LOSSES, MSSSIM, CompositeLoss, ssim_window
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPONENTS = ("charbonnier", "ms_ssim", "l1", "mse", "psnr", "fft", "edge")

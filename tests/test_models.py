@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deblur.config import ModelConfig, load_params
-from deblur.losses import CompositeLoss
-from deblur.models import MODELS, build_model, configure_inference, count_parameters
+from deblur.core.config import ModelConfig, load_params
+from deblur.training.losses import CompositeLoss
+from deblur.models.common import MODELS
+from deblur.models.build import build_model, configure_inference, count_parameters
 from deblur.models.common import load_grown, pad_to_multiple
 from deblur.models.nafnet import LocalAvgPool2d, NAFNet
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from conftest import ROOT, TINY_OVERRIDES, write_params
 
-from deblur.config import DEGRADATION_TYPES, NOISE, ConfigError, load_params
+from deblur.core.config import DEGRADATION_TYPES, NOISE, ConfigError, load_params
 from deblur.data.blur import apply_blur, blur_pair, choose_blur_type, sample_blur
 from deblur.data.ingest import derive_rng, run_ingest
 from deblur.data.pairs import read_pairs
 from deblur.data.synthesize import psnr_uint8, run_synthesize
-from deblur.imageio import read_rgb
-from deblur.tracking import files_digest
+from deblur.core.imageio import read_rgb
+from deblur.tracking.runs import files_digest
 from test_training import TRAIN_OVERRIDES
 
 # Computed with the code of commit 4891ef7, before `noise` existed: the tiny ingest + synthesize
@@ -94,7 +94,7 @@ def test_a_noise_only_mix_makes_a_denoising_set(tmp_path):
 
 @pytest.mark.slow
 def test_denoiser_trains_evaluates_and_is_judged_per_type(tmp_path, mlflow_uri):
-    from deblur.gate import GateConfig, decide
+    from deblur.evaluation.gate import GateConfig, decide
     from deblur.stages.evaluate import run_evaluate
     from deblur.stages.register import read_per_image
     from deblur.stages.train import run_train

@@ -1,4 +1,4 @@
-"""The torch-free serving runtime (deblur.onnx_runtime): export, tiling, servers and the Function package without torch."""
+"""The torch-free serving runtime (deblur.artifact.onnx_model): export, tiling, servers and the Function package without torch."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from deblur.models.nafnet import LocalAvgPool2d
-from deblur.checkpoints import model_from_checkpoint
-from deblur.onnx_runtime import (ONNX_FILE, OnnxServingModel, _session, export_onnx, exportable,
-                                 load_onnx_serving_model, tiled_deblur)
-from deblur.serving import ServingError, ServingModel, load_serving_model
-from deblur.tile_plan import axis_total, feather_ramp
-from deblur.tiling import _axis_total, deblur_array, tiled_inference
-from deblur.tiling import feather_ramp as torch_feather_ramp
+from deblur.models.build import model_from_checkpoint
+from deblur.artifact.onnx_model import (ONNX_FILE, OnnxServingModel, _session, export_onnx, exportable, load_onnx_serving_model, tiled_deblur)
+from deblur.artifact.meta import ServingError
+from deblur.artifact.torch_model import ServingModel, load_serving_model
+from deblur.core.tile_grid import axis_total, feather_ramp
+from deblur.inference.tiling import _axis_total, deblur_array, tiled_inference
+from deblur.inference.tiling import feather_ramp as torch_feather_ramp
 from serving_support import PARAMS, ROOT, encode, make_artifact, make_checkpoint, running_server, smooth_rgb
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import write_params
-from deblur import perceptual, tracking
-from deblur.checkpoints import save_atomic
-from deblur.config import load_params
-from deblur.perceptual import (BACKBONES, TAP_CHANNELS, LPIPS, PerceptualError, PerceptualLoss, load_lpips,
-                               lpips_distance)
+from deblur.models import perceptual
+from deblur.tracking import runs as tracking
+from deblur.models.checkpoint_file import save_atomic
+from deblur.core.config import load_params
+from deblur.models.perceptual import (BACKBONES, TAP_CHANNELS, LPIPS, PerceptualError, PerceptualLoss, load_lpips, lpips_distance)
 from test_training import TRAIN_OVERRIDES
 
 # torchvision's conv indices in alexnet().features and vgg16().features
@@ -155,7 +155,7 @@ def eval_world(tmp_path_factory):
     """Tiny pairs of every blur type and an untrained tiny checkpoint."""
     from deblur.data.ingest import run_ingest
     from deblur.data.synthesize import run_synthesize
-    from deblur.models import build_model
+    from deblur.models.build import build_model
 
     root = tmp_path_factory.mktemp("lpips_eval")
     overrides = {**TRAIN_OVERRIDES, "evaluate.triptychs": 0, "evaluate.rl_iterations": 5,
@@ -210,7 +210,7 @@ def test_evaluation_records_lpips_as_unavailable_or_scores_it(eval_world, mlflow
     first = rows[0]
     assert float(first["input_lpips"]) > 0 and float(first["model_lpips"]) > 0 and float(first["baseline_lpips"]) > 0
     from deblur.data.pairs import read_pairs
-    from deblur.imageio import read_rgb
+    from deblur.core.imageio import read_rgb
     record = next(r for r in read_pairs(root / "pairs", "test") if r.id == first["id"])
     assert float(first["input_lpips"]) == pytest.approx(
         lpips_distance(metric, read_rgb(record.blur_path), read_rgb(record.clear_path)), abs=1e-4)

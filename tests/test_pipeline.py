@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from conftest import ROOT, write_params
-from deblur import tracking
-from deblur.checkpoints import load_checkpoint, save_atomic
-from deblur.config import load_params
+from deblur.tracking import runs as tracking
+from deblur.models.checkpoint_file import load_checkpoint, save_atomic
+from deblur.core.config import load_params
 from deblur.data.pairs import read_pairs
-from deblur.evaluation import evaluate_model
-from deblur.checkpoints import model_from_checkpoint
-from deblur.mlflow_model import log_deblur_model
+from deblur.evaluation.scoring import evaluate_model
+from deblur.models.build import model_from_checkpoint
+from deblur.tracking.pyfunc import log_deblur_model
 from deblur.stages.register import run_register
 from test_training import TRAIN_OVERRIDES
 
@@ -149,11 +149,11 @@ def test_dvc_repro_then_every_follow_up_a_user_tries(project, mlflow_uri):
     assert all(n in train_runs[n].info.run_name and "test_lens_model_psnr" in train_runs[n].data.metrics for n in names)
 
     # an edit of code the train stage imports: train re-runs from scratch and says why
-    (root / "src/deblur/losses.py").write_text((root / "src/deblur/losses.py").read_text() + "# a comment\n")
+    (root / "src/deblur/training/losses.py").write_text((root / "src/deblur/training/losses.py").read_text() + "# a comment\n")
     edited = dvc(root, env, "repro")
     assert "train" in ran(edited)
     said = [line for line in edited.stdout.splitlines() if "resum" in line]
-    assert said and "code changed: src/deblur/losses.py" in said[0], edited.stdout[:3000]
+    assert said and "code changed: src/deblur/training/losses.py" in said[0], edited.stdout[:3000]
 
     # the same state through MLflow Projects: train trains (fresh), evaluate nests under it
     for entry in ("train", "evaluate"):
@@ -203,7 +203,7 @@ def registered_world(tmp_path, mlflow_uri):
     from deblur.data.ingest import run_ingest
     from deblur.data.synthesize import run_synthesize
     from deblur.stages.evaluate import run_evaluate
-    from deblur.training import Trainer
+    from deblur.training.trainer import Trainer
 
     # the gate's checks on the network alone (fast mode): thorough mode would deconvolve the motion pairs and
     # turn a noisy model's camera-shake loss into a gain (thorough mode in evaluation: tests/test_kernel_aware.py)
@@ -278,7 +278,7 @@ def test_first_champion_must_not_be_worse_than_its_init_from_nor_the_input_on_a_
 
 @pytest.mark.slow
 def test_shipped_checkpoint_registers_through_the_gate_once(registered_world, mlflow_uri):
-    from deblur.import_pretrained import register_checkpoint
+    from deblur.cli.import_pretrained import register_checkpoint
 
     tmp_path, params, base, _ = registered_world
     shipped = _checkpoint_variant(base, 0.0, tmp_path / "shipped.pt")

@@ -2,7 +2,7 @@
 
 import io
 
-from deblur.progress import progress
+from deblur.core.progress import progress
 
 
 def test_redirected_progress_writes_one_line_per_refresh():

@@ -11,9 +11,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from deblur.config import load_params
+from deblur.core.config import load_params
 from deblur.data.blur import BlurSpec, apply_blur, convolve, gaussian_kernel, motion_kernel
-from deblur.metrics import psnr
+from deblur.evaluation.metrics import psnr
 from deblur.psf.deconvolve import deconvolve, deconvolve_linear, estimate_noise_sigma, linear_noise_sigma
 from deblur.psf.io import PsfError, load_psf, psf_from_bytes, psf_to_png_bytes, write_psf
 

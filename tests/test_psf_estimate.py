@@ -7,10 +7,9 @@ import pytest
 import skimage.data
 from conftest import ROOT
 
-from deblur.config import load_params
+from deblur.core.config import load_params
 from deblur.data.blur import BlurSpec, apply_blur, gaussian_kernel, motion_kernel
-from deblur.psf.estimate import (EstimatorSettings, decode_srgb, encode_srgb, estimate_kernel, psf2otf, pyramid,
-                                 select_crops)
+from deblur.psf.estimate import (EstimatorSettings, decode_srgb, encode_srgb, estimate_kernel, psf2otf, pyramid, select_crops)
 from deblur.psf.metrics import aligned_shift, centre_kernel, error_ratio, kernel_ncc, support_box, support_size
 
 MAX_KERNEL = 25   # px: the test kernels are at most 15 px, so a smaller pyramid keeps the tests fast

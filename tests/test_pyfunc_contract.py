@@ -24,13 +24,13 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from conftest import write_params
-from deblur.checkpoints import model_from_checkpoint
-from deblur.config import TilingConfig
+from deblur.models.build import model_from_checkpoint
+from deblur.core.config import TilingConfig
 from deblur.data.pairs import read_pairs
-from deblur.mlflow_model import PIP_REQUIREMENTS, example_png_base64, image_from_array, log_deblur_model
+from deblur.tracking.pyfunc import PIP_REQUIREMENTS, example_png_base64, image_from_array, log_deblur_model
 from deblur.stages.train import run_train
-from deblur.tiling import deblur_array
-from deblur.training import train_data_hash
+from deblur.inference.tiling import deblur_array
+from deblur.training.trainer import train_data_hash
 from serving_support import encode, free_port, make_checkpoint, smooth_rgb
 from test_training import TRAIN_OVERRIDES, pairs_dir  # noqa: F401  (pairs_dir is a fixture)
 

@@ -1,4 +1,4 @@
-"""The diffusion refiner (deblur.diffusion.refiner): sampling, tiling, training, checkpoints, stages, HTTP."""
+"""The diffusion refiner (deblur.models.diffusion.refiner): sampling, tiling, training, checkpoints, stages, HTTP."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from PIL import Image
 from skimage import data as skdata
 
 from conftest import ROOT, TINY_OVERRIDES, write_params
-from deblur.checkpoints import load_checkpoint, model_from_checkpoint, save_atomic
-from deblur.config import ConfigError, load_params
-from deblur.diffusion.refiner import DiffusionRefiner
-from deblur.models import build_model
-from deblur.serving import export_serving_artifact, load_serving_model
-from deblur.tiling import deblur_array, tiled_inference
+from deblur.models.checkpoint_file import load_checkpoint, save_atomic
+from deblur.models.build import model_from_checkpoint
+from deblur.core.config import ConfigError, load_params
+from deblur.models.diffusion.refiner import DiffusionRefiner
+from deblur.models.build import build_model
+from deblur.artifact.export import export_serving_artifact
+from deblur.artifact.torch_model import load_serving_model
+from deblur.inference.tiling import deblur_array, tiled_inference
 from serving_support import encode, running_server, smooth_rgb
 
 TINY_UNET = {"model.name": "diffusion_refiner", "model.diffusion_refiner.block_out_channels": [8, 16],
@@ -318,8 +320,8 @@ def test_http_refuses_seed_for_a_model_that_does_not_sample(tmp_path):
 
 def test_predictor_sources_are_checked_the_same_way_for_every_diffusion_model(tmp_path):
     """One resolver for both families: a missing file and a diffusion checkpoint are refused, naming the setting."""
-    from deblur.diffusion import predictor_checkpoint
-    from deblur.diffusion.refiner import RefinerError
+    from deblur.models.diffusion import predictor_checkpoint
+    from deblur.models.diffusion.refiner import RefinerError
 
     with pytest.raises(RefinerError, match=r"model.diffusion_refiner.predictor: .*missing.pt: checkpoint not found"):
         predictor_checkpoint(str(tmp_path / "missing.pt"), "model.diffusion_refiner.predictor", RefinerError)

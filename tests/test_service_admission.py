@@ -20,8 +20,8 @@ from PIL import Image
 
 from deblur.service.admission import check_expected_time
 from deblur.service.errors import ApiError
-from deblur.speed import BUILT_IN_PRIOR, PRIOR_KEY, Line, SpeedModel, SpeedPrior, plan_tiles, prior_from_meta
-from deblur.tiling import tiled_inference
+from deblur.inference.cost_model import (BUILT_IN_PRIOR, PRIOR_KEY, Line, SpeedModel, SpeedPrior, plan_tiles, prior_from_meta)
+from deblur.inference.tiling import tiled_inference
 from serving_support import PARAMS, encode, make_artifact, running_server, seconds_per_tile, smooth_rgb, wait_for
 
 SMALL = {"channels": 8, "depth": 3}      # a few ms per tile

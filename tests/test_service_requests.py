@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI, Request
 from PIL import Image
 
-from deblur.config import ServingConfig
+from deblur.core.config import ServingConfig
 from deblur.service.admission import MemoryBudget
 from deblur.service.decoding import read_body
 from deblur.service.errors import add_error_handlers

@@ -15,17 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from deblur.checkpoints import model_from_checkpoint
-from deblur.imageio import decode_image
-from deblur.serving import (
-    META_FILE,
-    WEIGHTS_FILE,
-    ServingError,
-    export_serving_artifact,
-    load_serving_model,
-    read_artifact_meta,
-)
-from deblur.tiling import deblur_array
+from deblur.models.build import model_from_checkpoint
+from deblur.core.imageio import decode_image
+from deblur.artifact.export import export_serving_artifact
+from deblur.artifact.meta import META_FILE, WEIGHTS_FILE, ServingError, read_artifact_meta
+from deblur.artifact.torch_model import load_serving_model
+from deblur.inference.tiling import deblur_array
 from deblur.service.server import MALLOC_ENV
 from serving_support import PARAMS, ROOT, encode, make_artifact, make_checkpoint, running_server, smooth_rgb
 
@@ -189,8 +184,8 @@ def test_function_package_imports_standalone_and_its_handler_deblurs(tmp_path):
 def test_registry_model_uri_loads_in_the_library_and_the_server(tmp_path, mlflow_uri):
     import mlflow
 
-    from deblur.mlflow_model import SIGNATURE, DeblurPyfunc
-    from deblur.serving import load_from_model_uri
+    from deblur.tracking.pyfunc import SIGNATURE, DeblurPyfunc
+    from deblur.tracking.registry_serving import load_from_model_uri
 
     mlflow.set_tracking_uri(mlflow_uri)
     ckpt = make_checkpoint(tmp_path / "checkpoint.pt", "stacked_conv", channels=8, depth=3)

@@ -20,12 +20,12 @@ import skimage.data
 from PIL import Image
 
 from deblur.data.blur import BlurSpec, apply_blur, motion_kernel
-from deblur.metrics import psnr
+from deblur.evaluation.metrics import psnr
 from deblur.psf.deconvolve import deconvolve
 from deblur.psf.io import psf_to_png_bytes
 from deblur.psf.metrics import kernel_ncc
 from deblur.psf.restore import CANDIDATES
-from deblur.serving import load_serving_model
+from deblur.artifact.torch_model import load_serving_model
 from deblur.service.openapi import CANDIDATES as DOCUMENTED_CANDIDATES
 from serving_support import PARAMS, encode, make_artifact, running_server, smooth_rgb
 

@@ -1,4 +1,4 @@
-"""dvc.yaml and MLproject against the one stage table (deblur.stages.spec), and what stages really read."""
+"""dvc.yaml and MLproject against the one stage table (deblur.core.stage_spec), and what stages really read."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, write_params
-from deblur.config import Params
-from deblur.stages.spec import PROJECT_DIR, STAGES, UNTRACKED_SECTIONS, code_files
+from deblur.core.config import Params
+from deblur.core.stage_spec import PROJECT_DIR, STAGES, UNTRACKED_SECTIONS, code_files
 from test_training import TRAIN_OVERRIDES
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -49,9 +49,9 @@ def test_dvc_yaml_params_and_data_deps_come_from_the_stage_table(stage):
 
 def test_closure_follows_imports_inside_functions_and_packages():
     train = {p.relative_to(PROJECT_DIR).as_posix() for p in code_files("train")}
-    assert {"pipelines/train.py", "src/deblur/stages/train.py", "src/deblur/losses.py",
+    assert {"pipelines/train.py", "src/deblur/stages/train.py", "src/deblur/training/losses.py",
             "src/deblur/models/nafnet.py", "src/deblur/stages/__init__.py"} <= train
-    assert "src/deblur/serving.py" not in train and "src/deblur/evaluation.py" not in train
+    assert "src/deblur/artifact/torch_model.py" not in train and "src/deblur/evaluation/scoring.py" not in train
     assert "src/deblur/models/nafnet.py" not in {p.relative_to(PROJECT_DIR).as_posix() for p in code_files("ingest")}
 
 

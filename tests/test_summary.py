@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from deblur.summary import format_summary, gate_lines
+from deblur.cli.summary import format_summary
+from deblur.evaluation.gate import gate_lines
 
 METRICS = {"n_images": 2, "overall": {"input_psnr": 25.0, "input_ssim": 0.7, "model_psnr": 27.5, "model_ssim": 0.8},
            "per_blur_type": {"motion": {"n": 2, "input_psnr": 25.0, "input_ssim": 0.7, "model_psnr": 27.5,

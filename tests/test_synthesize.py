@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from conftest import ROOT, make_gopro_tree, run_script
 
-from deblur.config import BLUR_TYPES, load_params
+from deblur.core.config import BLUR_TYPES, load_params
 from deblur.data.ingest import IngestError, read_manifest, run_ingest
 from deblur.data.pairs import PairsError, read_pairs
 from deblur.data.synthesize import run_synthesize
-from deblur.imageio import read_rgb
-from deblur.tracking import files_digest
+from deblur.core.imageio import read_rgb
+from deblur.tracking.runs import files_digest
 
 
 @pytest.fixture

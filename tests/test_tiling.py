@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from deblur import tiling
-from deblur.config import TilingConfig
-from deblur.models import build_model, configure_inference
+from deblur.inference import tiling
+from deblur.core.config import TilingConfig
+from deblur.models.build import build_model, configure_inference
 from deblur.models.common import pad_to_multiple
-from deblur.tiling import deblur_array, feather_ramp, naive_tiled_inference, tile_starts, tiled_inference
+from deblur.inference.tiling import (deblur_array, feather_ramp, naive_tiled_inference, tile_starts, tiled_inference)
 from serving_support import PARAMS, smooth_rgb
 
 

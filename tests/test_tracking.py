@@ -2,8 +2,8 @@
 
 import mlflow
 
-from deblur import tracking
-from deblur.config import load_params
+from deblur.tracking import runs as tracking
+from deblur.core.config import load_params
 from conftest import ROOT
 
 

@@ -70,7 +70,7 @@ def run_pipeline_in_process(root: Path) -> tuple[dict, dict]:
 
 def run_pipeline_as_scripts(root: Path) -> dict:
     """The stage scripts as separate processes in ``root`` (another working copy): what `dvc repro` runs."""
-    from deblur.config import load_params
+    from deblur.core.config import load_params
     from deblur.data.ingest import run_ingest
     from deblur.data.synthesize import run_synthesize
 

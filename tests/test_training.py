@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_OVERRIDES, write_params
-from deblur import tracking
-from deblur.checkpoints import load_checkpoint, save_atomic
-from deblur.config import load_params
+from deblur.tracking import runs as tracking
+from deblur.models.checkpoint_file import load_checkpoint, save_atomic
+from deblur.core.config import load_params
 from deblur.data.ingest import run_ingest
 from deblur.data.synthesize import run_synthesize
 from deblur.stages.train import run_train
-from deblur.training import Trainer, TrainingError, resume_key, resume_mismatch, train_data_hash
+from deblur.training.trainer import Trainer, TrainingError, resume_key, resume_mismatch, train_data_hash
 
 TRAIN_OVERRIDES = {
     **TINY_OVERRIDES,
@@ -161,10 +161,10 @@ def test_finished_run_is_not_resumed_but_interrupted_one_restores_best(tmp_path,
 
 def test_resume_key_names_changed_data_and_code(tmp_path, pairs_dir):
     key = resume_key(params_with(), pairs_dir)
-    assert "src/deblur/losses.py" in key["code"] and "src/deblur/training.py" in key["code"]
-    assert "src/deblur/serving.py" not in key["code"]       # serving code does not change a training run
-    edited = {**key, "code": {**key["code"], "src/deblur/losses.py": "0" * 12}, "data": "other"}
-    assert resume_mismatch(edited, key) == ["the training data changed", "code changed: src/deblur/losses.py"]
+    assert "src/deblur/training/losses.py" in key["code"] and "src/deblur/training/trainer.py" in key["code"]
+    assert "src/deblur/artifact/torch_model.py" not in key["code"]       # serving code does not change a training run
+    edited = {**key, "code": {**key["code"], "src/deblur/training/losses.py": "0" * 12}, "data": "other"}
+    assert resume_mismatch(edited, key) == ["the training data changed", "code changed: src/deblur/training/losses.py"]
     neutral = resume_key(params_with(**{"train.num_workers": 1, "train.log_every": 5}), pairs_dir)
     assert resume_mismatch(key, neutral) == []
 
@@ -209,7 +209,7 @@ def test_resume_from_continues_across_a_code_change_but_not_other_params(tmp_pat
     with tracking.stage_run("train", params):
         _interrupt_at(Trainer(params, pairs_dir, tmp_path / "old"), 3)
         ckpt = load_checkpoint(tmp_path / "old" / "last.pt", trusted=True)
-        ckpt["resume_key"]["code"]["src/deblur/losses.py"] = "0" * 12
+        ckpt["resume_key"]["code"]["src/deblur/training/losses.py"] = "0" * 12
         save_atomic(ckpt, tmp_path / "old" / "last.pt")
         assert not Trainer(params, pairs_dir, tmp_path / "old").resumed
         forced = Trainer(params, pairs_dir, tmp_path / "new", resume_from=tmp_path / "old" / "last.pt")

@@ -18,10 +18,10 @@ import torch.distributed as dist
 import torch.multiprocessing as tmp
 
 from conftest import ROOT, write_params
-from deblur.checkpoints import load_checkpoint
-from deblur.config import load_params
+from deblur.models.checkpoint_file import load_checkpoint
+from deblur.core.config import load_params
 from deblur.data.pairs import read_pairs
-from deblur.training import Dist, Trainer, TrainingError, configure_determinism
+from deblur.training.trainer import Dist, Trainer, TrainingError, configure_determinism
 from test_training import TRAIN_OVERRIDES, pairs_dir, params_with  # noqa: F401  (pairs_dir: a fixture)
 
 WORLD = 2

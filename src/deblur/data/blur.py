@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from deblur import portable_math as pm
-from deblur.config import DEGRADATION_TYPES, NOISE, LensConfig, MotionConfig, SynthesizeConfig
+from deblur.core import portable_math as pm
+from deblur.core.config import DEGRADATION_TYPES, NOISE, LensConfig, MotionConfig, SynthesizeConfig
 
 TRAJECTORY_STEPS = 1000
 SUPERSAMPLING = 8

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from deblur.config import SynthesizeConfig
+from deblur.core.config import SynthesizeConfig
 from deblur.data.blur import blur_pair
 from deblur.data.pairs import PairRecord
-from deblur.imageio import read_rgb
+from deblur.core.imageio import read_rgb
 
 
 @lru_cache(maxsize=256)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from deblur import portable_math as pm
-from deblur.config import DeadLeavesConfig
+from deblur.core import portable_math as pm
+from deblur.core.config import DeadLeavesConfig
 from deblur.data.blur import disk_kernel
 
 SUPERSAMPLING = 2

@@ -27,13 +27,13 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from deblur.errors import DeblurError
-from deblur.config import EmbeddedConfig, FolderConfig, GoproConfig, Params
+from deblur.core.errors import DeblurError
+from deblur.core.config import EmbeddedConfig, FolderConfig, GoproConfig, Params
 from deblur.data.deadleaves import dead_leaves, palette_from_photos
 from deblur.data.pairs import SPLITS
-from deblur.imageio import IMAGE_SUFFIXES, ImageError, decode_image, read_rgb, write_png
-from deblur.progress import progress
-from deblur.viz import contact_sheet
+from deblur.core.imageio import IMAGE_SUFFIXES, ImageError, decode_image, read_rgb, write_png
+from deblur.core.progress import progress
+from deblur.core.viz import contact_sheet
 
 MANIFEST_NAME = "manifest.jsonl"
 SKIPPED_NAME = "skipped.jsonl"

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from deblur.errors import DeblurError
+from deblur.core.errors import DeblurError
 
 SPLITS = ("train", "val", "test")
 INDEX_NAME = "blur_types.json"

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from deblur.config import DEGRADATION_TYPES, Params
+from deblur.core.config import DEGRADATION_TYPES, Params
 from deblur.data.blur import blur_pair, kernel_image
 from deblur.data.ingest import IngestError, ManifestRow, atomic_directory, derive_rng, read_manifest
 from deblur.data.pairs import INDEX_NAME, SPLITS, read_pairs
-from deblur.imageio import decode_image, read_rgb, write_png
-from deblur.progress import progress
-from deblur.viz import contact_sheet
+from deblur.core.imageio import decode_image, read_rgb, write_png
+from deblur.core.progress import progress
+from deblur.core.viz import contact_sheet
 
 REAL_BLUR = "real"
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deblur.registry import Registry
+from deblur.core.registry import Registry
 
 MODELS: Registry = Registry("model")
 PADDING_MODES = ("reflect", "zeros")

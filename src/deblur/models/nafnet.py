@@ -45,7 +45,7 @@ class LocalAvgPool2d(nn.Module):
 
     Border pixels take the value of the nearest full window (edge padding), as NAFNet's
     ``AvgPool2d(fast_imp=False)``; a window covering the whole map is plain global pooling.
-    Under ``torch.export`` (the ONNX export, deblur.onnx_runtime) that shortcut is skipped: the
+    Under ``torch.export`` (the ONNX export, deblur.artifact.onnx_model) that shortcut is skipped: the
     integral-image path with a window clipped to the map computes the same mean for every input
     size, where a traced branch would be fixed to the example input's size.
     """
@@ -125,7 +125,7 @@ class NAFNet(ResidualRestorer):
     local pooling over ``tlc_factor * train_patch_size`` pixels (see ``use_local_pooling``).
     ``padding``: how an input whose sides are not multiples of ``2 ** len(enc_blocks)`` is
     padded (``reflect``, or ``zeros`` as the official implementation, for its weights to give
-    exactly its outputs; see ``deblur.official``).
+    exactly its outputs; see ``deblur.models.official``).
     """
 
     def __init__(

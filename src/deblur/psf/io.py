@@ -2,7 +2,7 @@
 
 File convention (documentation/kernel_aware.md):
 - ``.npy``: a 2-D array of non-negative finite weights (any real dtype).
-- an image (PNG, or anything ``deblur.imageio`` reads): the grey levels are the weights. 8- and
+- an image (PNG, or anything ``deblur.core.imageio`` reads): the grey levels are the weights. 8- and
   16-bit greyscale are read at full precision; colour images become their luminance
   (Rec. 709 weights of the stored values, no gamma decoding); alpha is ignored.
 - Both sides odd, at most ``MAX_PSF_SIDE`` px; the centre pixel is the origin (a kernel is centred
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from deblur.errors import DeblurError
-from deblur.imageio import ImageError, decode_image
+from deblur.core.errors import DeblurError
+from deblur.core.imageio import ImageError, decode_image
 
 MAX_PSF_SIDE = 255
 NPY_MAGIC = b"\x93NUMPY"

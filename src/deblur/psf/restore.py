@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from deblur.config import KernelAwareConfig
+from deblur.core.config import KernelAwareConfig
 from deblur.psf.deconvolve import deconvolve, deconvolve_with_overshoot
 from deblur.psf.estimate import EstimatorSettings, KernelEstimate, estimate_kernel
 

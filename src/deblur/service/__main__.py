@@ -1,6 +1,6 @@
-from deblur.runtime_env import prefer_passive_openmp
+from deblur.core.runtime_env import prefer_passive_openmp
 
-prefer_passive_openmp()   # before anything can import torch (deblur.runtime_env)
+prefer_passive_openmp()   # before anything can import torch (deblur.core.runtime_env)
 
 from deblur.service.server import main  # noqa: E402
 

@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from deblur.config import ServingConfig
+from deblur.core.config import ServingConfig
 from deblur.service.errors import ApiError
-from deblur.speed import Line, RobustLine, SpeedModel, TilePlan
+from deblur.inference.cost_model import Line, RobustLine, SpeedModel, TilePlan
 
 # Working memory of one image per pixel: decoded RGB, the float32 output buffer, the uint8
 # result and the encoder's copy. Measured with a small model on this machine: 12.7-14.1 B/px

@@ -24,42 +24,14 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 
-from deblur.config import ServingConfig
-from deblur.service.admission import (
-    BYTES_PER_PIXEL,
-    MODE_BYTES_PER_PADDED_PIXEL,
-    InferenceGate,
-    MemoryBudget,
-    ModeCosts,
-    NotStarted,
-    RequestCancelled,
-    RequestControl,
-    Shutdown,
-    check_expected_time,
-    shutting_down,
-    working_bytes,
-)
-from deblur.service.decoding import (
-    ACCEPTED_FORMATS,
-    EXTENSIONS,
-    MEDIA_TYPES,
-    OUTPUT_FORMATS,
-    check_api_key,
-    mode_param,
-    output_format,
-    probe,
-    read_body,
-    read_psf,
-    return_psf_param,
-    sampling_params,
-    tiling_params,
-    upload_parts,
-)
+from deblur.core.config import ServingConfig
+from deblur.service.admission import (BYTES_PER_PIXEL, MODE_BYTES_PER_PADDED_PIXEL, InferenceGate, MemoryBudget, ModeCosts, NotStarted, RequestCancelled, RequestControl, Shutdown, check_expected_time, shutting_down, working_bytes)
+from deblur.service.decoding import (ACCEPTED_FORMATS, EXTENSIONS, MEDIA_TYPES, OUTPUT_FORMATS, check_api_key, mode_param, output_format, probe, read_body, read_psf, return_psf_param, sampling_params, tiling_params, upload_parts)
 from deblur.service.errors import ApiError, add_error_handlers
 from deblur.service.openapi import add_api_docs
 from deblur.service.runtime import ModelHolder, ModelSource, model_info, model_source_from_env, process_image, \
     resolve_modes, resolve_settings
-from deblur.speed import SpeedModel, plan_tiles, prior_from_meta
+from deblur.inference.cost_model import SpeedModel, plan_tiles, prior_from_meta
 
 log = logging.getLogger("deblur.service")
 

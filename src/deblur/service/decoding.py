@@ -22,7 +22,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
-from deblur.config import ServingConfig, TilingConfig
+from deblur.core.config import ServingConfig, TilingConfig
 from deblur.service.errors import ApiError
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ FLAGS = {"1": True, "true": True, "0": False, "false": False}   # ?return_psf=
 MAX_PSF_SIDE = 255                # = deblur.psf.io.MAX_PSF_SIDE (not imported: parsing a request stays light)
 KEY_HEADER = "x-functions-key"   # the API key, as Azure Functions names it
 KEY_PARAMETER = "code"            # ... or in the query, spelled exactly so
-MAX_SEED = 2**63 - 1   # ?seed= bound, = deblur.diffusion.refiner.MAX_SEED (not imported: parsing needs no torch)
+MAX_SEED = 2**63 - 1   # ?seed= bound, = deblur.models.diffusion.refiner.MAX_SEED (not imported: parsing needs no torch)
 # How each accepted format starts (Pillow's own checks): a body that starts like one but that
 # Pillow cannot open is a corrupt image (400), not an unsupported one (415).
 SIGNATURES = {

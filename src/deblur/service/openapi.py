@@ -22,7 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response
 from PIL import Image
 
-from deblur.config import ServingConfig, TilingConfig
+from deblur.core.config import ServingConfig, TilingConfig
 from deblur.service.decoding import ACCEPTED_FORMATS, FLAGS, MAX_PSF_SIDE, MAX_SEED, MEDIA_TYPES, MODES, \
     OUTPUT_FORMATS, PSF_FIELD, UPLOAD_FIELD, exact_query_key
 from deblur.service.errors import DEBLUR_ROUTE, ERROR_CODES, NO_ROUTE, ApiError, codes_for

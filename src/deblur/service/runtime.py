@@ -3,7 +3,7 @@
 Importing this module does not import torch: the model (and torch with it) is loaded by
 ``ModelHolder`` in a background thread at startup or by the first request.
 
-A served model (``deblur.serving.ServingModel``) offers: ``name``, ``version``, ``alias``,
+A served model (``deblur.artifact.torch_model.ServingModel``) offers: ``name``, ``version``, ``alias``,
 ``meta``, ``tiling``, ``architecture``, ``samples``, ``load_seconds``, ``source``,
 ``sampling_for(seed, steps)`` and ``deblur(rgb, tile_size, overlap, sampling, on_batch)``.
 
@@ -28,9 +28,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from deblur.artifact import DEFAULT_MODEL_DIR, ServingError, read_artifact_meta
-from deblur.config import KernelAwareConfig, ServingConfig, TilingConfig, load_params
-from deblur.imageio import ImageError, decode_image, encode_image
+from deblur.artifact.meta import DEFAULT_MODEL_DIR, ServingError, read_artifact_meta
+from deblur.core.config import KernelAwareConfig, ServingConfig, TilingConfig, load_params
+from deblur.core.imageio import ImageError, decode_image, encode_image
 from deblur.service.errors import ApiError
 
 log = logging.getLogger("deblur.service")
@@ -119,7 +119,7 @@ def resolve_modes(source: ModelSource, meta: dict | None) -> Modes:
         raw = meta.get("kernel_aware")
         if raw is None:
             why = ("this model's serving artifact was exported without kernel-aware settings (no kernel_aware in "
-                   "model.json): export it again (the register stage of dvc repro, or deblur.serving."
+                   "model.json): export it again (the register stage of dvc repro, or deblur.artifact.torch_model."
                    "export_serving_artifact(..., kernel_aware=...)) or register it again")
             return Modes("fast", None, where, why, missing)
         try:
@@ -184,7 +184,7 @@ class ModelHolder:
         when the artifact has no model.onnx or onnxruntime is missing, and says so in the log."""
         onnx_error = None
         if self.source.model_uri is None and self.runtime == "onnx":
-            from deblur.onnx_runtime import load_onnx_serving_model
+            from deblur.artifact.onnx_model import load_onnx_serving_model
 
             try:
                 return load_onnx_serving_model(self.source.model_dir, self.threads)
@@ -192,7 +192,8 @@ class ModelHolder:
                 onnx_error = err
                 log.warning("serving.runtime onnx: %s; falling back to the torch runtime (model.pt)", err)
         try:
-            from deblur.serving import load_from_model_uri, load_serving_model
+            from deblur.artifact.torch_model import load_serving_model
+            from deblur.tracking.registry_serving import load_from_model_uri  # mlflow: only for --model-uri
         except ImportError as err:
             raise ServingError(f"{onnx_error or 'serving.runtime is torch'}, and torch cannot be imported ({err}); "
                                "install torch or serve an artifact with a model.onnx (serving.runtime onnx)") from err

@@ -12,8 +12,8 @@ import sys
 import h11
 from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, H11Protocol
 
-from deblur.config import ServingConfig
-from deblur.runtime_env import prefer_passive_openmp
+from deblur.core.config import ServingConfig
+from deblur.core.runtime_env import prefer_passive_openmp
 from deblur.service.errors import ApiError, error_body
 from deblur.service.logs import RedactSecrets, uvicorn_log_config
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from deblur import tracking
-from deblur.config import EvaluateConfig, load_params
-from deblur.stages.spec import STAGES
+from deblur.tracking import runs as tracking
+from deblur.core.config import EvaluateConfig, load_params
+from deblur.core.stage_spec import STAGES
 
 
 def load_run_info(path: Path) -> dict:
@@ -41,7 +41,7 @@ def evaluation_inputs(pairs_dir: Path, cfg: EvaluateConfig) -> tuple[list, list[
 def flat_test_metrics(summary: dict) -> dict[str, float]:
     """metrics.json flattened to MLflow metric names: ``test_model_psnr``, ``test_motion_model_psnr``,
     per kernel-size bucket ``test_motion_k23_41_model_psnr``, ``test_motion_kle21_n``..."""
-    from deblur.evaluation import bucket_key
+    from deblur.evaluation.scoring import bucket_key
 
     flat = {f"test_{k}": v for k, v in summary["overall"].items()}
     for blur_type, scores in summary["per_blur_type"].items():
@@ -69,11 +69,12 @@ def read_sharp_in_csv(path: Path) -> list[float]:
 
 def run_evaluate(params_path: Path, run_info_path: Path, pairs_dir: Path, metrics_path: Path, per_image_path: Path,
                  per_blur_path: Path, sharp_in_path: Path, triptych_dir: Path) -> dict:
-    from deblur import viz
-    from deblur.checkpoints import load_checkpoint, model_from_checkpoint
-    from deblur.evaluation import evaluate_model, per_blur_figure, write_per_blur_csv, write_per_image_csv
-    from deblur.imageio import write_png
-    from deblur.perceptual import lpips_from_config, lpips_status
+    from deblur.core import viz
+    from deblur.models.checkpoint_file import load_checkpoint
+    from deblur.models.build import model_from_checkpoint
+    from deblur.evaluation.scoring import evaluate_model, per_blur_figure, write_per_blur_csv, write_per_image_csv
+    from deblur.core.imageio import write_png
+    from deblur.models.perceptual import lpips_from_config, lpips_status
 
     params = load_params(params_path)
     info = load_run_info(run_info_path)

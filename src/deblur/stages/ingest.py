@@ -6,11 +6,11 @@ import sys
 import time
 from pathlib import Path
 
-from deblur import tracking
-from deblur.config import load_params
+from deblur.tracking import runs as tracking
+from deblur.core.config import load_params
 from deblur.data.ingest import SKIPPED_NAME, preview_sheet, read_manifest, run_ingest
 from deblur.data.pairs import SPLITS
-from deblur.stages.spec import STAGES
+from deblur.core.stage_spec import STAGES
 
 
 def run_ingest_stage(params_path: Path, out_dir: Path) -> dict[str, float]:

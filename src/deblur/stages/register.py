@@ -4,7 +4,7 @@ Three steps, each its own function: ``gather_evidence`` (the challenger's per-im
 evaluate, the current champion and, when there is none, the ``train.init_from`` checkpoint
 re-scored on the same test pairs), ``record_in_registry`` (a model version, aliases, the reasons
 as tags and metrics) and ``export_champion`` (the serving artifact of whichever model is
-champion afterwards). ``deblur.gate`` decides in between.
+champion afterwards). ``deblur.evaluation.gate`` decides in between.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from deblur import tracking
-from deblur.config import Params, load_params
-from deblur.gate import Decision, GateConfig, PairedScores, decide
+from deblur.tracking import runs as tracking
+from deblur.core.config import Params, load_params
+from deblur.evaluation.gate import Decision, GateConfig, PairedScores, decide, gate_lines
 from deblur.stages.evaluate import evaluation_inputs, load_run_info, read_sharp_in_csv
-from deblur.stages.spec import STAGES
+from deblur.core.stage_spec import STAGES
+from deblur.tracking.registry_io import download_model_checkpoint
+from deblur.tracking.lora_pyfunc import log_adapter_model
 
 
 @dataclass
@@ -64,8 +66,8 @@ def read_predictor_scores(path: Path) -> PairedScores | None:
 
 
 def _rescore(checkpoint, params: Params, records, desc: str) -> PairedScores:
-    from deblur.checkpoints import model_from_checkpoint
-    from deblur.evaluation import evaluate_model
+    from deblur.models.build import model_from_checkpoint
+    from deblur.evaluation.scoring import evaluate_model
 
     result = evaluate_model(model_from_checkpoint(checkpoint), records, params.tiling, params.evaluate,
                             params.synthesize.gamma, with_baseline=False, desc=desc, kernel_aware=params.kernel_aware)
@@ -83,12 +85,8 @@ def gather_evidence(params: Params, per_image_path: Path, sharp_in_path: Path, p
     if champion is not None:
         evidence.champion_version = champion
         champion_uri = f"models:/{name}/{champion.version}"
-        if champion.tags.get("lora_adapter") == "true":   # its base from the registry, the adapter merged in
-            from deblur.lora import download_model_checkpoint
-
-            evidence.champion_checkpoint = download_model_checkpoint(champion_uri, download_dir)
-        else:
-            evidence.champion_checkpoint = tracking.download_checkpoint(champion_uri, download_dir)
+        # a LoRA adapter version comes with its base from the registry, the adapter merged in
+        evidence.champion_checkpoint = download_model_checkpoint(champion_uri, download_dir)
         evidence.champion = _rescore(evidence.champion_checkpoint, params, records, "re-score champion")
     elif (predictor := read_predictor_scores(per_image_path)) is not None:
         # a refiner starts from its predictor: as a first champion it must not lose to it (beats_init_from)
@@ -106,17 +104,15 @@ def record_in_registry(params: Params, info: dict, decision: Decision, evidence:
 
     A LoRA run (its checkpoint has a ``lora`` entry) logs only the adapter; the version's tags
     link its base (``base_model_uri``, ``base_model_version``)."""
-    from deblur.checkpoints import load_checkpoint
-    from deblur.diffusion.controlnet_sd import registry_extras
-    from deblur.mlflow_model import log_deblur_model
+    from deblur.models.checkpoint_file import load_checkpoint
+    from deblur.models.diffusion.controlnet_sd import registry_extras
+    from deblur.tracking.pyfunc import log_deblur_model
 
     name = params.registration.model_name
     checkpoint = load_checkpoint(info["checkpoint"])   # read once: which kind of model this is
     lora = checkpoint.get("lora")
     lora_tags = {}
     if lora:
-        from deblur.lora import log_adapter_model
-
         model_uri, base = log_adapter_model(info["checkpoint"], params.tiling)
         lora_tags = {"lora_adapter": "true", "lora_rank": lora["settings"]["rank"], "base_model_uri": base["uri"],
                      "base_model_version": base.get("version") or "none (a checkpoint file)",
@@ -132,7 +128,11 @@ def record_in_registry(params: Params, info: dict, decision: Decision, evidence:
         tags["dvc_experiment"] = info["dvc_experiment"]
     tags.update(info.get("version_tags", {}))
     tags.update(lora_tags)
-    tags.update(registry_extras(checkpoint))   # controlnet_sd: base SD weights, LoRA logged
+    with tempfile.TemporaryDirectory() as tmp:
+        extra_tags, lora_dir = registry_extras(checkpoint, tmp)   # controlnet_sd: base SD weights and LoRA
+        if lora_dir is not None:
+            tracking.log_artifact(lora_dir, "lora")
+    tags.update(extra_tags)
     version = tracking.register_model_version(model_uri, name, tags)
     tracking.set_alias(name, "challenger", version)
     if decision.promote:
@@ -152,7 +152,7 @@ def record_in_registry(params: Params, info: dict, decision: Decision, evidence:
 def export_champion(params: Params, info: dict, decision: Decision, version: str, evidence: Evidence,
                     serving_dir: Path) -> str | None:
     """Export the serving artifact of the champion after this decision; returns its version (None: no champion)."""
-    from deblur.serving import export_serving_artifact
+    from deblur.artifact.export import export_serving_artifact
 
     name = params.registration.model_name
     if decision.promote:
@@ -212,7 +212,6 @@ def run_register(params_path: Path, run_info_path: Path, per_image_path: Path, s
             }
             tracking.log_dict(record, "registration.json")
     tracking.dump_json(record, decision_path)
-    from deblur.summary import gate_lines
 
     print("\n".join(["", *gate_lines(record)]), flush=True)   # dvc repro / dvc exp run show the verdict
     return record

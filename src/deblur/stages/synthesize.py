@@ -6,12 +6,12 @@ import sys
 import time
 from pathlib import Path
 
-from deblur import tracking
-from deblur.config import load_params
+from deblur.tracking import runs as tracking
+from deblur.core.config import load_params
 from deblur.data.ingest import IngestError
 from deblur.data.pairs import INDEX_NAME
 from deblur.data.synthesize import SynthesisSummary, preview_sheet, run_synthesize
-from deblur.stages.spec import STAGES
+from deblur.core.stage_spec import STAGES
 
 
 def run_synthesize_stage(params_path: Path, manifest: Path, out_dir: Path) -> SynthesisSummary:

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 
-from deblur import tracking
-from deblur.config import load_params
+from deblur.tracking import runs as tracking
+from deblur.core.config import load_params
 from deblur.data.pairs import read_pairs
-from deblur.stages.spec import STAGES
-from deblur.training import (Trainer, TrainingError, TrainingInterrupted, curve_figure, init_distributed,
-                             write_curve)
+from deblur.core.stage_spec import STAGES
+from deblur.training.trainer import (Trainer, TrainingError, TrainingInterrupted, curve_figure, init_distributed, write_curve)
 
 
 def run_train(params_path: Path, pairs_dir: Path, checkpoint_dir: Path, curve_path: Path, run_info_path: Path,

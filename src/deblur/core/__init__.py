@@ -1,0 +1,1 @@
+"""Bottom layer: config, errors, image IO, files, small utilities; imports no other layer."""

@@ -1,7 +1,0 @@
-"""The base class of every error a user can fix: its message names the file, key or limit."""
-
-from __future__ import annotations
-
-
-class DeblurError(Exception):
-    """Bad input or configuration; stage scripts print the message as one ``error:`` line and exit 1."""

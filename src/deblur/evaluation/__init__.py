@@ -1,0 +1,1 @@
+"""Scores: metrics, evaluation of pairs, the promotion gate."""

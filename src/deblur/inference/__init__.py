@@ -1,0 +1,1 @@
+"""Running a network over images of any size: the tiled torch runner, the tile cost model."""
