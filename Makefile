@@ -65,8 +65,12 @@ dvc-remote:
 
 # A shared MLflow tracking server: PostgreSQL + artifacts in ../deblur-tracking, on 127.0.0.1:5000
 # (TRACKING_DIR, TRACKING_HOST, TRACKING_PORT, ...: documentation/deploy.md). make demo never needs it.
+# It starts with a champion: the shipped checkpoint through the gate, as make demo does locally, unless the
+# store has one already. REGISTER_PRETRAINED=0: an empty store (the first pipeline run that passes the gate wins).
+REGISTER_PRETRAINED ?= 1
 tracking-server: install
 	bash scripts/tracking_server.sh start
+	@if [ "$(REGISTER_PRETRAINED)" != 0 ]; then bash scripts/tracking_server.sh register; fi
 
 tracking-server-stop:
 	bash scripts/tracking_server.sh stop

@@ -43,9 +43,22 @@ CALIBRATION_SEED = 4321
 
 
 def training_photos(params, max_side: int, crop: int) -> dict[str, np.ndarray]:
-    """The embedded source's train/val photos (never the held-out ones): for calibrating the selector."""
+    """The embedded source's train/val photos (never the held-out ones) and scikit-learn's two sample
+    photos (in no held-out set): for calibrating the selector."""
+    from sklearn.datasets import load_sample_image
+
     names = [n for n in params.ingest.embedded.photos if n not in params.ingest.embedded.test_photos]
-    return {name: centre_crop(downscale(EMBEDDED_PHOTOS[name](), max_side), crop) for name in names}
+    photos = {name: EMBEDDED_PHOTOS[name]() for name in names}
+    photos.update({f"sklearn_{n}": load_sample_image(f"{n}.jpg") for n in ("china", "flower")})
+    return {name: centre_crop(downscale(rgb, max_side), crop) for name, rgb in photos.items()}
+
+
+def calibration_set(photos, params, seeds) -> dict:
+    """``shake_bucket_set`` once per seed (other kernels and noise on the same photos), keys ``name@seed``."""
+    data = {}
+    for seed in seeds:
+        data.update(shake_bucket_set({f"{n}@{seed}": rgb for n, rgb in photos.items()}, params, seed))
+    return data
 
 
 def run_cases(data, network, cfg, gamma, with_error_ratio: bool = False) -> list[dict]:
@@ -100,28 +113,44 @@ def bucket_table(rows: list[dict]) -> dict:
 
 
 def calibrate(rows: list[dict], cfg) -> list[dict]:
-    """Mean / worst gain over the input of the selector for each (min_confidence, max_overshoot)."""
+    """Mean / worst gain over the input of the selector for each (min_confidence, max_overshoot,
+    min_network_agreement); the rows must carry every candidate's PSNR and the checks (``run_cases``)."""
     from deblur.psf.estimate import KernelEstimate
 
     table = []
-    for threshold in np.round(np.arange(0.4, 0.951, 0.05), 2):
-        for overshoot in (0.02, 0.03, 0.05, 0.08, 1.0):
-            trial = cfg.model_copy(update={"min_confidence": float(threshold), "max_overshoot": overshoot})
-            gains = []
-            for r in rows:
-                ev = r["evidence"]
-                if "support_px" not in ev:
-                    gains.append(r["psnr"]["network"] - r["psnr"]["input"])
-                    continue
-                est = KernelEstimate(kernel=np.zeros((1, 1)), support=ev["support_px"], crop_kernels=(), crop_boxes=(),
-                                     crop_agreement=ev["crop_agreement"], reblur_residual=ev["reblur_residual"],
-                                     confidence=ev["confidence"], seconds=0.0)
-                chosen, _ = choose(est, trial, ev.get("overshoot"))
-                gains.append(r["psnr"].get(chosen, r["psnr"]["network"]) - r["psnr"]["input"])
-            table.append({"min_confidence": float(threshold), "max_overshoot": overshoot,
-                          "mean_gain": round(float(np.mean(gains)), 3), "worst_gain": round(float(np.min(gains)), 3),
-                          "below_0_5db": int(np.sum(np.array(gains) < -0.5))})
+    for threshold in (0.5, 0.6, 0.7):
+        for overshoot in (0.05, 1.0):
+            for agreement in (None, 0.1, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5):
+                trial = cfg.model_copy(update={"min_confidence": threshold, "max_overshoot": overshoot,
+                                               "min_network_agreement": agreement})
+                gains = []
+                for r in rows:
+                    ev = r["evidence"]
+                    if "support_px" not in ev:
+                        gains.append(r["psnr"]["network"] - r["psnr"]["input"])
+                        continue
+                    est = KernelEstimate(kernel=np.zeros((1, 1)), support=ev["support_px"], crop_kernels=(),
+                                         crop_boxes=(), crop_agreement=ev["crop_agreement"],
+                                         reblur_residual=ev["reblur_residual"], confidence=ev["confidence"],
+                                         seconds=0.0)
+                    chosen, _ = choose(est, trial, ev.get("overshoot"), ev.get("checks"))
+                    gains.append(r["psnr"].get(chosen, r["psnr"]["network"]) - r["psnr"]["input"])
+                table.append({"min_confidence": threshold, "max_overshoot": overshoot,
+                              "min_network_agreement": agreement,
+                              "mean_gain": round(float(np.mean(gains)), 3),
+                              "worst_gain": round(float(np.min(gains)), 3),
+                              "below_0_5db": int(np.sum(np.array(gains) < -0.5))})
     return table
+
+
+def calibration_markdown(thresholds: list[dict]) -> str:
+    return ("\nSelector thresholds on these calibration cases (gain over the input, all cases; "
+            "min_network_agreement '-' = check off):\n\n"
+            "| min_confidence | max_overshoot | min_network_agreement | mean gain | worst gain | cases < -0.5 dB |\n"
+            "|---|---|---|---|---|---|\n") + "".join(
+        f"| {t['min_confidence']:.2f} | {t['max_overshoot']:.2f} | "
+        f"{'-' if t.get('min_network_agreement') is None else format(t['min_network_agreement'], '.2f')} | "
+        f"{t['mean_gain']:+.3f} | {t['worst_gain']:+.2f} | {t['below_0_5db']} |\n" for t in thresholds)
 
 
 def seconds_per_frame(network, cfg, gamma, repeats: int = 2) -> dict:
@@ -196,14 +225,18 @@ def reselect(path: Path, cfg) -> int:
         est = KernelEstimate(kernel=np.zeros((1, 1)), support=ev["support_px"], crop_kernels=(), crop_boxes=(),
                              crop_agreement=ev["crop_agreement"], reblur_residual=ev["reblur_residual"],
                              confidence=ev["confidence"], seconds=0.0)
-        r["chosen"], new_evidence = choose(est, cfg, ev.get("overshoot"))
+        r["chosen"], new_evidence = choose(est, cfg, ev.get("overshoot"), ev.get("checks"))
         r["evidence"] = {**new_evidence, "overshoot": ev.get("overshoot")}
         r["thorough"] = r["psnr"].get(r["chosen"], r["psnr"]["network"])
     out["buckets"] = bucket_table(out["rows"])
     out["meta"]["settings"] = cfg.model_dump()
     out["meta"]["reselected"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if "thresholds" in out:
+        out["thresholds"] = calibrate(out["rows"], cfg)
     path.write_text(json.dumps(out, indent=1) + "\n")
     text = markdown(out["meta"], out["buckets"], out.get("seconds_per_720p"))
+    if "thresholds" in out:
+        text += calibration_markdown(out["thresholds"])
     path.with_suffix(".md").write_text(text)
     print(text)
     return 0
@@ -220,6 +253,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=0, help="only the first N photos (a quick look)")
     parser.add_argument("--calibrate", action="store_true", help="training photos; writes the threshold table")
+    parser.add_argument("--calibration-seeds", type=int, default=2,
+                        help="--calibrate: kernels per photo and bucket (seeds from %d)" % CALIBRATION_SEED)
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--speed-only", action="store_true", help="re-time fast vs thorough on a 720p frame only")
     parser.add_argument("--reselect", action="store_true",
@@ -248,13 +283,13 @@ def main() -> int:
                                 tiling=(params.tiling.tile_size, params.tiling.overlap, params.tiling.batch_size))
     if args.calibrate:
         photos = training_photos(params, args.max_side, args.crop)
-        seed = CALIBRATION_SEED
+        seed = [CALIBRATION_SEED + i for i in range(args.calibration_seeds)]
     else:
         photos = bucket_photos(Path(args.heldout_dir), args.max_side, args.crop)
         seed = args.seed
     if args.limit:
         photos = dict(list(photos.items())[: args.limit])
-    data = shake_bucket_set(photos, params, seed)
+    data = calibration_set(photos, params, seed) if args.calibrate else shake_bucket_set(photos, params, seed)
     rows = run_cases(data, network, cfg, gamma, args.error_ratio)
     table = bucket_table(rows)
     meta = {"photos": len(photos), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -269,10 +304,7 @@ def main() -> int:
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1) + "\n")
     text = markdown(meta, table, speed)
     if args.calibrate:
-        text += ("\n| min_confidence | max_overshoot | mean gain | worst gain | photos < -0.5 dB |\n"
-                 "|---|---|---|---|---|\n") + "".join(
-            f"| {t['min_confidence']:.2f} | {t['max_overshoot']:.2f} | {t['mean_gain']:+.3f} | {t['worst_gain']:+.2f} | "
-            f"{t['below_0_5db']} |\n" for t in out["thresholds"])
+        text += calibration_markdown(out["thresholds"])
     else:
         kernel_picture(rows, IMG / "kernel_aware_kernels.png")
     (RESULTS / f"{name}.md").write_text(text)

@@ -1,7 +1,9 @@
 """Peak memory of tiled inference on large images: one weight tile per tile position vs a cache.
 
 BEFORE is the implementation of ``deblur.inference.tiling.tiled_inference`` before issue #10 item 5,
-kept below as ``tiled_inference_before``: it built one 2-D weight tile per tile position.
+kept below as ``tiled_inference_before``, a self-contained copy (it shares only the public grid
+functions and the ramp formula of ``deblur.core.tile_grid``): it built one 2-D weight tile per tile
+position.
 AFTER is the package's ``tiled_inference``, which builds each distinct weight tile once
 (``BlendWeights``, at most nine) and divides by the summed weight a strip of rows at a
 time (BEFORE formed it full-size for the division). Each (image, implementation) runs in
@@ -27,23 +29,54 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from deblur.core.tile_grid import TileGrid, check_tiling_args, feather_ramp, round_up, tile_starts
 from deblur.inference import tiling
-from deblur.inference.tiling import (Tile, _as_float, _batches, _check_args, _cut_tile, _model_device_dtype, _round_up, feather_ramp, tile_starts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TILE_SIZE, OVERLAP, BATCH_SIZE = 288, 32, 1
 
 
+# --- BASELINE: the old implementation, a self-contained copy (only the public grid functions and the
+# --- ramp formula of deblur.core.tile_grid are shared, so that both give the same pixels) -----------
+
+@dataclass(frozen=True)
+class Tile:
+    image: int   # index in the batch of images
+    y: int
+    x: int
+    row: int     # index into the row (y) starts
+    col: int     # index into the column (x) starts
+
+
+def _model_device_dtype_before(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.device, param.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _cut_tile_before(image: torch.Tensor, index: int, y: int, x: int, tile_h: int, tile_w: int) -> torch.Tensor:
+    """``image[index]`` at (y, x), reflect-padded at the bottom/right where the tile passes the border."""
+    crop = image[index, :, y:y + tile_h, x:x + tile_w]
+    pad_h, pad_w = tile_h - crop.shape[-2], tile_w - crop.shape[-1]
+    if pad_h == 0 and pad_w == 0:
+        return crop
+    mode = "reflect" if pad_h < crop.shape[-2] and pad_w < crop.shape[-1] else "replicate"
+    return F.pad(crop.float().unsqueeze(0), (0, pad_w, 0, pad_h), mode=mode)[0].to(crop.dtype)
+
+
 def _axis_weights_before(length: int, starts: list[int], tile_len: int,
                          overlap: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """BASELINE (old implementation, unchanged): per-tile ramps along one axis and their sum."""
+    """Per-tile ramps along one axis and their sum."""
     ramps = [
-        feather_ramp(tile_len, overlap, ramp_start=i > 0, ramp_end=i < len(starts) - 1)
+        torch.from_numpy(feather_ramp(tile_len, overlap, ramp_start=i > 0, ramp_end=i < len(starts) - 1))
         for i in range(len(starts))
     ]
     total = torch.zeros(length, dtype=torch.float32)
@@ -52,21 +85,15 @@ def _axis_weights_before(length: int, starts: list[int], tile_len: int,
     return ramps, total
 
 
-def tiled_inference_before(
-    model: torch.nn.Module,
-    image: torch.Tensor,
-    tile_size: int,
-    overlap: int,
-    batch_size: int,
-    align: int | None = None,
-) -> torch.Tensor:
-    """BASELINE (old implementation, unchanged): ``blend`` holds one 2-D weight tile per tile position."""
-    _check_args(image, tile_size, overlap, batch_size)
+def tiled_inference_before(model: torch.nn.Module, image: torch.Tensor, tile_size: int, overlap: int,
+                           batch_size: int, align: int | None = None) -> torch.Tensor:
+    """``blend`` holds one 2-D weight tile per tile position; the summed weight is formed full-size."""
+    check_tiling_args(tuple(image.shape), tile_size, overlap, batch_size)
     align = align or int(getattr(model, "size_multiple", 1))
     tile_size = max(align, tile_size // align * align)
     n, _, height, width = image.shape
-    device, dtype = _model_device_dtype(model)
-    padded_h, padded_w = _round_up(height, align), _round_up(width, align)
+    device, dtype = _model_device_dtype_before(model)
+    padded_h, padded_w = round_up(height, align), round_up(width, align)
     tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
     ys, xs = tile_starts(padded_h, tile_size, overlap, align), tile_starts(padded_w, tile_size, overlap, align)
     ramps_y, total_y = _axis_weights_before(padded_h, ys, tile_h, overlap)
@@ -76,9 +103,11 @@ def tiled_inference_before(
 
     output = torch.zeros((n, 3, height, width), dtype=torch.float32, device=device)
     with torch.inference_mode():
-        for batch in _batches(tiles, batch_size):
-            crops = [_cut_tile(image, t.image, t.y, t.x, tile_h, tile_w) for t in batch]
-            inputs = _as_float(torch.stack(crops).to(device), dtype)
+        for first in range(0, len(tiles), batch_size):
+            batch = tiles[first:first + batch_size]
+            crops = [_cut_tile_before(image, t.image, t.y, t.x, tile_h, tile_w) for t in batch]
+            inputs = torch.stack(crops).to(device)
+            inputs = inputs.to(dtype).div_(255.0) if inputs.dtype == torch.uint8 else inputs.to(dtype)
             preds = model(inputs)
             if preds.shape != inputs.shape:
                 raise RuntimeError(f"model returned shape {tuple(preds.shape)} for tiles of shape "
@@ -91,6 +120,8 @@ def tiled_inference_before(
         output.clamp_(0.0, 1.0)
     return output
 
+
+# --- the measurement -------------------------------------------------------------------------------
 
 class PointwiseModel(nn.Module):
     """A near-identity 1x1 convolution on the U-Nets' 16-pixel grid: tiling cost, not model cost."""
@@ -118,10 +149,8 @@ def rss_mb() -> float:
 
 def grid(height: int, width: int, align: int) -> tuple[int, int, int, int]:
     """Tile rows, columns and tile height, width of the tiling used here."""
-    padded_h, padded_w = _round_up(height, align), _round_up(width, align)
-    rows = len(tile_starts(padded_h, TILE_SIZE, OVERLAP, align))
-    cols = len(tile_starts(padded_w, TILE_SIZE, OVERLAP, align))
-    return rows, cols, min(TILE_SIZE, padded_h), min(TILE_SIZE, padded_w)
+    tiles = TileGrid.plan(height, width, TILE_SIZE, OVERLAP, align)
+    return tiles.rows, tiles.cols, tiles.tile_h, tiles.tile_w
 
 
 def measure(implementation: str, height: int, width: int, threads: int) -> dict:
@@ -153,7 +182,7 @@ def measure(implementation: str, height: int, width: int, threads: int) -> dict:
         (blend,) = held
         weight_tiles = len(blend.cache)
         weight_bytes = sum(weights.nbytes for weights in blend.cache.values())
-        total_weight_rows = tile_h
+        total_weight_rows = blend.strip_rows
     return {
         "implementation": implementation, "image": f"{width}x{height}", "megapixels": round(width * height / 1e6, 1),
         "tiles": rows * cols, "grid": f"{rows}x{cols}", "seconds": round(seconds, 2),
@@ -181,8 +210,9 @@ def markdown(result: dict) -> str:
              "Written by bench/bench_tiling_memory.py. Tile 288, overlap 32, batch 1, uint8 input, a 1x1 "
              "convolution on a 16-pixel grid as the model; each run in a fresh process. Before: one weight "
              "tile per tile position (the old implementation, kept in the bench). After: `BlendWeights`, "
-             "each distinct weight tile built once, and the summed weight formed one strip of tile rows at a "
-             "time for the final division (before: one full-size H x W temporary). Overhead: peak RSS minus RSS "
+             "each distinct weight tile built once, and the summed weight formed a strip of rows at a time "
+             "(no larger than a weight tile) for the final division (before: one full-size H x W temporary). "
+             "Overhead: peak RSS minus RSS "
              "before inference minus the output buffer. MB = 2^20 bytes.", "",
              f"{m['cpus']} CPUs, {m['threads']} torch threads, torch {m['torch']}, load average at start "
              f"{m['load_avg_at_start']}, {result['when']}.", "",

@@ -7,14 +7,14 @@
 #   scripts/cpu_pretrain_shake.sh bg       # start or resume in the background (nohup), log: data/pretrain_shake/train.log
 #   scripts/cpu_pretrain_shake.sh status   # alive?, last progress line, last validation
 #   scripts/cpu_pretrain_shake.sh stop     # SIGTERM: the trainer ends the step, writes last.pt; then `save` runs
-#   scripts/cpu_pretrain_shake.sh save     # copy last.pt / best.pt to checkpoints/cpu-shake/ (to commit; <= 25 MB each)
+#   scripts/cpu_pretrain_shake.sh save     # copy last.pt / best.pt to checkpoints/cpu-shake/ (git ignores it: keep it on disk or `dvc add` + `dvc push` it)
 #   scripts/cpu_pretrain_shake.sh [run]    # the same as bg, in the foreground
 #
 # Everything it writes lives in data/pretrain_shake/ (WORK): ingested/, pairs/, checkpoints/, train.log,
 # train_curve.csv and train_run.json (at the end of the schedule), code/ (see below). Ingest and
 # synthesize are skipped when their output exists and was made with the same params (a stamp file
 # beside each). Resume: the trainer continues from WORK/checkpoints/last.pt when its params digest
-# matches; when WORK has no last.pt, the committed checkpoints/cpu-shake/last.pt (and best.pt) is
+# matches; when WORK has no last.pt, checkpoints/cpu-shake/last.pt (saved earlier on this machine, or `dvc pull`ed) (and best.pt) is
 # copied in first, so a fresh clone resumes too. `save` refuses to replace a saved checkpoint with
 # one of an earlier step (a run that started fresh) unless FORCE=1.
 #

@@ -75,7 +75,7 @@ export_latest_run() {   # the newest train run in the store (finished, or KILLED
   "$py" - "$1" <<'EOF'
 import sys
 import mlflow
-from deblur import tracking
+from deblur.tracking import runs as tracking
 client = mlflow.MlflowClient(tracking.tracking_uri())
 experiments = [e.experiment_id for e in client.search_experiments()]
 run, = client.search_runs(experiments, "tags.stage = 'train'", order_by=["attributes.start_time DESC"], max_results=1)

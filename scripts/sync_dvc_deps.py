@@ -2,7 +2,7 @@
 
     python scripts/sync_dvc_deps.py          # then `dvc status` shows which stages the change re-runs
 
-tests/test_stage_spec.py fails until dvc.yaml matches; this writes what it expects. Only the
+tests/core/test_stage_spec.py fails until dvc.yaml matches; this writes what it expects. Only the
 ``pipelines/`` and ``src/deblur/`` lines of each stage's deps change; comments and data deps stay.
 """
 

@@ -2,8 +2,14 @@
 # A shared MLflow tracking server: PostgreSQL backend store, artifacts proxied by the server.
 #
 #   scripts/tracking_server.sh start    # init once, start postgres + mlflow server, print the URI to export
+#   scripts/tracking_server.sh register # register the shipped champion through the gate unless the store has one
 #   scripts/tracking_server.sh stop     # stop both (data stays)
 #   scripts/tracking_server.sh status   # exit 0 when both answer
+#
+# `make tracking-server` runs start then register (REGISTER_PRETRAINED=0: start only, an empty store).
+# register runs in the repo as `make demo` does: `dvc repro synthesize` (this copy's test pairs), then
+# `python -m deblur.cli.import_pretrained --register $SHIPPED_CHECKPOINT` with MLFLOW_TRACKING_URI set
+# to the server; its reports and serving artifact go to $TRACKING_DIR/shipped/, not to this working copy.
 #
 # Settings (environment):
 #   TRACKING_DIR           where everything lives (default ../deblur-tracking beside the repo):
@@ -18,14 +24,16 @@
 #   PG_BIN                 folder holding initdb/pg_ctl/psql (default: newest /usr/lib/postgresql/*/bin)
 #   PG_OS_USER             the unprivileged user postgres runs as when this script runs as root (default postgres)
 #   MLFLOW_EXTRA_ARGS      more `mlflow server` options, e.g. "--allowed-hosts mlflow.example.com"
+#   SHIPPED_CHECKPOINT     what register puts through the gate (default checkpoints/pretrained/nafnet16.pt, as make demo)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 TRACKING_DIR=${TRACKING_DIR:-$root/../deblur-tracking}
 case ${1:-start} in
   start) mkdir -p "$TRACKING_DIR" ;;
-  stop | status) [[ -d $TRACKING_DIR ]] || { echo "not running (no $TRACKING_DIR)"; [[ $1 == stop ]]; exit; } ;;
-  *) echo "usage: $0 [start|stop|status]" >&2; exit 1 ;;
+  stop | status | register)
+    [[ -d $TRACKING_DIR ]] || { echo "not running (no $TRACKING_DIR)"; [[ $1 == stop ]]; exit; } ;;
+  *) echo "usage: $0 [start|register|stop|status]" >&2; exit 1 ;;
 esac
 TRACKING_DIR=$(cd "$TRACKING_DIR" && pwd)
 HOST=${TRACKING_HOST:-127.0.0.1}
@@ -75,6 +83,7 @@ pg_running() { [[ -f $pgdata/PG_VERSION ]] && as_pg "$PG_BIN/pg_ctl" -D "$pgdata
 mlflow_pid() { [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null && cat "$pidfile"; }
 
 case $HOST in 0.0.0.0|::) local_host=127.0.0.1 ;; *) local_host=$HOST ;; esac
+uri=http://$local_host:$PORT
 health() {
   "$python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
     "http://$local_host:$PORT/health" >/dev/null 2>&1
@@ -148,6 +157,44 @@ $(tail -n 20 "$logs/mlflow-server.log")"
   die "mlflow server did not answer /health within $STARTUP_TIMEOUT s, see $logs/mlflow-server.log"
 }
 
+# The registered model holding `champion` on the server ("deblur v3"), empty when none.
+champion() {
+  MLFLOW_TRACKING_URI=$uri "$python" -c '
+import sys
+from deblur.core.config import load_params
+from deblur.tracking.runs import version_by_alias
+name = load_params(sys.argv[1]).registration.model_name
+version = version_by_alias(name, "champion")
+print(f"{name} v{version.version}" if version else "")' "$root/params.yaml"
+}
+
+# `make demo`'s registration, against the server: the shipped checkpoint scored on this copy's test pairs and put
+# through the gate, so a fresh store starts with a champion. A store that has one (any model) is left alone.
+register_shipped() {
+  health || die "no tracking server answers on $uri: $0 start"
+  local current checkpoint=${SHIPPED_CHECKPOINT:-checkpoints/pretrained/nafnet16.pt} out=$TRACKING_DIR/shipped
+  current=$(champion) || die "could not read the registry of $uri"
+  if [[ -n $current ]]; then
+    echo "the store already has a champion ($current): nothing registered"
+    return
+  fi
+  local bin dvc
+  bin=$(dirname "$python")
+  dvc=$bin/dvc; [[ -x $dvc ]] || dvc=dvc
+  echo "no champion on $uri: registering $checkpoint through the gate (scored on this copy's test pairs)"
+  # && throughout: `set -e` does not apply inside a subshell followed by ||
+  (
+    cd "$root" && export MLFLOW_TRACKING_URI=$uri PATH=$bin:$PATH \
+      && { [[ -d .dvc ]] || "$dvc" init -q; } \
+      && "$dvc" repro synthesize \
+      && "$python" -m deblur.cli.import_pretrained --register "$checkpoint" --reports "$out" --serving-dir "$out/model"
+  ) || die "registering $checkpoint failed (the server runs on; an empty store: see above)"
+  current=$(champion) || die "could not read the registry of $uri"
+  [[ -n $current ]] || die "the gate refused $checkpoint on this copy's test pairs: the store has no champion
+(reasons in $out/registered_model.json); the first pipeline run that passes the gate becomes champion"
+  echo "champion on the server: $current (models:/${current% v*}@champion)"
+}
+
 stop_all() {
   local pid
   if pid=$(mlflow_pid); then
@@ -171,7 +218,12 @@ case ${1:-start} in
     create_database
     start_mlflow
     echo "tracking server ready; point the pipeline, mlflow ui and the app at it with:"
-    echo "export MLFLOW_TRACKING_URI=http://$local_host:$PORT"
+    echo "export MLFLOW_TRACKING_URI=$uri"
+    ;;
+  register)
+    register_shipped
+    echo "UI: $uri   (the pipeline, then make serve: documentation/deploy.md)"
+    echo "export MLFLOW_TRACKING_URI=$uri"
     ;;
   stop) stop_all ;;
   status)

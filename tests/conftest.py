@@ -1,9 +1,15 @@
-"""Shared fixtures: the repo's params.yaml shrunk to a tiny CPU run, and a private MLflow store."""
+"""Shared fixtures: the repo's params.yaml shrunk to a tiny CPU run, tiny pairs built once per session,
+and a private MLflow store."""
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import json
 import os
+import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -13,6 +19,8 @@ import yaml
 from PIL import Image
 
 from deblur.core.config import Params, load_params, set_dotted
+from deblur.data.ingest import run_ingest
+from deblur.data.synthesize import run_synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +37,28 @@ TINY_OVERRIDES: dict[str, object] = {
     "synthesize.motion.max_kernel_size": 15,
 }
 
+# A tiny stacked-conv training run on the tiny data: what most stage tests train.
+TRAIN_OVERRIDES: dict[str, object] = {
+    **TINY_OVERRIDES,
+    "model.name": "stacked_conv",
+    "train.init_from": None,
+    "model.stacked_conv": {"channels": 8, "depth": 3},
+    "train.patch_size": 32,
+    "train.batch_size": 2,
+    "train.max_steps": 6,
+    "train.val_every": 3,
+    "train.log_every": 1,
+    "train.val_max_images": 2,
+}
+# The whole pipeline on the tiny run (evaluate and register too).
+PIPELINE_OVERRIDES: dict[str, object] = {
+    **TRAIN_OVERRIDES,
+    "evaluate.classical_baseline": "wiener",
+    "evaluate.triptychs": 2,
+    "tiling.tile_size": 32,
+    "tiling.overlap": 8,
+}
+
 
 def write_params(path: Path, overrides: dict[str, object]) -> Path:
     """Write the repo's params.yaml with dotted ``overrides`` applied to ``path``."""
@@ -37,6 +67,11 @@ def write_params(path: Path, overrides: dict[str, object]) -> Path:
         set_dotted(raw, dotted, value)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def params_with(**extra) -> Params:
+    """The tiny training run's params with dotted ``extra`` overrides."""
+    return load_params(ROOT / "params.yaml", overrides={**TRAIN_OVERRIDES, **extra})
 
 
 @pytest.fixture
@@ -100,3 +135,36 @@ def make_gopro_tree(root: Path, size=(64, 48)) -> dict[str, list[str]]:
                     pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
                     Image.fromarray(pixels).save(folder / frame)
     return layout
+
+
+# --- tiny pairs, built once per session ---------------------------------------------------------
+
+_PAIRS_CACHE = Path(tempfile.mkdtemp(prefix="deblur-test-pairs-"))
+atexit.register(shutil.rmtree, _PAIRS_CACHE, ignore_errors=True)
+
+
+def _pairs_key(params: Params) -> str:
+    """What the pairs depend on: the seed and the ingest and synthesize sections."""
+    dump = params.model_dump(mode="json", by_alias=True)
+    wanted = {k: dump[k] for k in ("seed", "ingest", "synthesize")}
+    return hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tiny_pairs(params: Params) -> Path:
+    """The synthesize stage's output for ``params``, ingested and synthesized once per session (read-only)."""
+    folder = _PAIRS_CACHE / _pairs_key(params)
+    if not (folder / "pairs").is_dir():
+        run_synthesize(params, run_ingest(params, folder / "ingested"), folder / "pairs")
+    return folder / "pairs"
+
+
+def copy_pairs(params: Params, dest: Path) -> Path:
+    """A private copy of ``tiny_pairs(params)`` at ``dest`` (for tests that run stages in their own folder)."""
+    shutil.copytree(tiny_pairs(params), dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def pairs_dir() -> Path:
+    """The pairs of the tiny training run (TRAIN_OVERRIDES), shared by the whole session: do not write into it."""
+    return tiny_pairs(load_params(ROOT / "params.yaml", overrides=TRAIN_OVERRIDES))

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from deblur.artifact.meta import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, sha256_file
+from deblur.artifact.meta import FORMAT_VERSION, META_FILE, WEIGHTS_FILE
 from deblur.artifact.onnx_model import ONNX_FILE, export_onnx, exportable, served_onnx_model
 from deblur.artifact.torch_model import ServingModel, model_or_serving_error
 from deblur.core.config import KernelAwareConfig, ServingConfig, TilingConfig
+from deblur.core.files import atomic_directory, sha256_file
 from deblur.core.imageio import decode_image, encode_image
 from deblur.inference.cost_model import PRIOR_KEY, measure_speed_prior
 from deblur.models.checkpoint_file import load_checkpoint
@@ -57,10 +55,7 @@ def export_serving_artifact(
         "step": ckpt.get("step"),
     }
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
-    staging.chmod(0o755)
-    try:
+    with atomic_directory(out_dir) as staging:
         torch.save(payload, staging / WEIGHTS_FILE)
         full_meta = {
             **meta,
@@ -79,10 +74,6 @@ def export_serving_artifact(
         if serving.runtime == "onnx" if onnx is None else onnx:
             add_onnx_model(staging, full_meta, tiling, serving)
         (staging / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -125,14 +116,3 @@ def add_onnx_model(model_dir: Path, meta: dict, tiling: TilingConfig, serving: S
     prior = measure_speed_prior(served, tiling.tile_size, tiling.overlap, served.size_multiple,
                                 encode_decode=lambda rgb: png_round_trip(rgb, serving))
     meta.setdefault(PRIOR_KEY, {})["onnx"] = prior.to_json()
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Swap ``staging`` in as ``target``; the old folder (if any) is removed after the swap."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old)

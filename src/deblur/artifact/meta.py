@@ -6,16 +6,15 @@ export, architecture, weights hash, ...) and the weights (``model.pt``; see debl
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from deblur.core.config import TilingConfig
+from deblur.core.stage_spec import DEFAULT_MODEL_DIR  # noqa: F401 (the artifact's default folder, named there once)
 
 WEIGHTS_FILE = "model.pt"
 META_FILE = "model.json"
 FORMAT_VERSION = 1
-DEFAULT_MODEL_DIR = Path("function_app/model")
 UNREGISTERED = "unregistered"
 # serving settings added after format_version 1 artifacts were first exported
 SERVING_DEFAULTS_OF_OLD_ARTIFACTS = {
@@ -50,14 +49,6 @@ def read_artifact_meta(model_dir: str | Path) -> dict:
     if meta["format_version"] != FORMAT_VERSION:
         raise ServingError(f"{path}: format_version {meta['format_version']}, this code reads {FORMAT_VERSION}")
     return meta
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ServedModelInfo:

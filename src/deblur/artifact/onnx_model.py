@@ -8,10 +8,9 @@ against torch on three tile sizes. The diffusion models are torch-only: they get
 ``model.onnx``.
 
 ``OnnxServingModel`` offers what deblur.artifact.torch_model.ServingModel offers (deblur.service.runtime
-uses either) and tiles exactly as deblur.inference.tiling.tiled_inference: the same grid (deblur.core.tile_grid),
-the same reflect/replicate padding of edge tiles, raised-cosine weights, division by the summed
-weight in strips, ``batch_size`` tiles per model call, ``on_batch`` after each batch. Importing
-this module and running a model need numpy and onnxruntime only, never torch.
+uses either) and tiles exactly as deblur.inference.tiling.tiled_inference: the same grid, tile
+cutter, blend and batch loop (deblur.core.tile_grid, on numpy arrays here). Importing this module
+and running a model need numpy and onnxruntime only, never torch.
 """
 
 from __future__ import annotations
@@ -24,15 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from deblur.artifact.meta import ServedModelInfo, ServingError, read_artifact_meta, sha256_file
+from deblur.artifact.meta import ServedModelInfo, ServingError, read_artifact_meta
 from deblur.core.config import TilingConfig
-from deblur.core.tile_grid import axis_total, check_tiling_args, feather_ramp, ramp_kind, round_up, tile_starts
+from deblur.core.files import sha256_file
+from deblur.core.tile_grid import BatchCallback, BlendWeights, TileGrid, check_tiling_args, round_up, run_tiles
 
 ONNX_FILE = "model.onnx"
 ONNX_ARCHITECTURES = ("nafnet", "unet", "stacked_conv")   # the diffusion models stay torch-only
 INPUT_NAME, OUTPUT_NAME = "image", "restored"
 MIN_CHECK_PSNR_DB = 60.0   # export refuses a model.onnx further than this from torch
-BatchCallback = Callable[[int, int, float], None]   # (tiles in the batch, pixels per tile, seconds)
 log = logging.getLogger(__name__)
 
 
@@ -155,48 +154,21 @@ def tiled_deblur(run: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray, tile_
         raise ValueError(f"expected an HxWx3 uint8 array, got {rgb.dtype} {rgb.shape}")
     height, width = rgb.shape[:2]
     check_tiling_args((1, 3, height, width), tile_size, overlap, batch_size)
-    tile_size = max(align, tile_size // align * align)
-    padded_h, padded_w = round_up(height, align), round_up(width, align)
-    tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
-    ys, xs = tile_starts(padded_h, tile_size, overlap, align), tile_starts(padded_w, tile_size, overlap, align)
-    image = rgb.transpose(2, 0, 1)
-    weights: dict[tuple, np.ndarray] = {}   # at most 3 x 3 distinct tiles, as deblur.inference.tiling.BlendWeights
-    tiles = [(r, y, c, x) for r, y in enumerate(ys) for c, x in enumerate(xs)]
-    output = np.zeros((3, height, width), dtype=np.float32)
-    for first in range(0, len(tiles), batch_size):
-        batch = tiles[first:first + batch_size]
-        mark = time.perf_counter()
-        inputs = np.stack([_cut_tile(image, y, x, tile_h, tile_w) for _, y, _, x in batch]).astype(np.float32)
+    grid = TileGrid.plan(height, width, tile_size, overlap, align)
+    blend = BlendWeights(grid)
+
+    def predict(crops: list[np.ndarray]) -> np.ndarray:
+        inputs = np.stack(crops).astype(np.float32)
         inputs /= np.float32(255.0)
-        preds = run(inputs)
-        if preds.shape != inputs.shape:
-            raise RuntimeError(f"model returned shape {tuple(preds.shape)} for tiles of shape {tuple(inputs.shape)}")
-        for (row, y, col, x), pred in zip(batch, preds.astype(np.float32, copy=False)):
-            key = ramp_kind(row, len(ys)), ramp_kind(col, len(xs))
-            if key not in weights:
-                weights[key] = feather_ramp(tile_h, overlap, *key[0])[:, None] * feather_ramp(tile_w, overlap, *key[1])[None, :]
-            valid_h, valid_w = min(tile_h, height - y), min(tile_w, width - x)
-            output[:, y:y + valid_h, x:x + valid_w] += pred[:, :valid_h, :valid_w] * weights[key][:valid_h, :valid_w]
-        if on_batch is not None:
-            on_batch(len(batch), tile_h * tile_w, time.perf_counter() - mark)
-    total_y, total_x = axis_total(padded_h, ys, tile_h, overlap), axis_total(padded_w, xs, tile_w, overlap)[None, :width]
-    for top in range(0, height, tile_h):   # strips: no full-size weight buffer
-        bottom = min(top + tile_h, height)
-        output[:, top:bottom, :] /= total_y[top:bottom, None] * total_x
+        return run(inputs).astype(np.float32, copy=False)
+
+    output = np.zeros((1, 3, height, width), dtype=np.float32)
+    run_tiles(grid, rgb.transpose(2, 0, 1)[None], output, blend, batch_size, predict, on_batch)
+    blend.normalise(output)
     np.clip(output, 0.0, 1.0, out=output)
     output *= np.float32(255.0)
     np.rint(output, out=output)   # in place: a 4096x4096 image's float buffer is 200 MB
-    return np.ascontiguousarray(output.astype(np.uint8).transpose(1, 2, 0))
-
-
-def _cut_tile(image: np.ndarray, y: int, x: int, tile_h: int, tile_w: int) -> np.ndarray:
-    """``image`` (3, H, W) at (y, x), reflect-padded at the bottom/right where the tile passes the border."""
-    crop = image[:, y:y + tile_h, x:x + tile_w]
-    pad_h, pad_w = tile_h - crop.shape[1], tile_w - crop.shape[2]
-    if pad_h == 0 and pad_w == 0:
-        return crop
-    mode = "reflect" if pad_h < crop.shape[1] and pad_w < crop.shape[2] else "edge"
-    return np.pad(crop, ((0, 0), (0, pad_h), (0, pad_w)), mode=mode)
+    return np.ascontiguousarray(output[0].astype(np.uint8).transpose(1, 2, 0))
 
 
 def _session(path: Path, threads: int):

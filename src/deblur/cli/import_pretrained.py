@@ -21,10 +21,14 @@ licence as tags of the run and of the model version.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
+from deblur.cli import fail_cleanly
+from deblur.core.config import NAFNetConfig, load_params
+from deblur.core.files import sha256_file
+from deblur.data.pairs import INDEX_NAME
+from deblur.core.stage_spec import DEFAULT_MODEL_DIR
 from deblur.tracking import runs as tracking
 
 PRETRAINED_DIR = Path(__file__).resolve().parents[3] / "checkpoints" / "pretrained"
@@ -46,11 +50,11 @@ def register_checkpoint(checkpoint: Path, run_id: str, params_path: Path, pairs_
     """Evaluate ``checkpoint`` and register it through the gate; None when it is registered already.
 
     ``version_tags`` are added to the model version's tags (and may replace ``origin``)."""
-    from deblur.core.config import load_params
+    # lazy: torch, for --register only (importing the runs needs mlflow alone)
     from deblur.stages.evaluate import run_evaluate
     from deblur.stages.register import run_register
 
-    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    sha = sha256_file(checkpoint)
     name = load_params(params_path).registration.model_name
     existing = tracking.versions_with_tag(name, "checkpoint_sha256", sha)
     if existing:
@@ -77,9 +81,8 @@ def import_official(source: Path, name: str | None, licence: str, params_path: P
     """``deblur import-checkpoint``: convert an official NAFNet ``.pth`` (``deblur.models.official``), log it as
     an MLflow run and register it through the gate as ``register_checkpoint`` does for shipped
     checkpoints. None when a file with the same sha256 is registered already."""
+    # lazy: torch, as in register_checkpoint
     from deblur.models.checkpoint_file import CheckpointError, read_checkpoint_file, save_atomic
-    from deblur.core.config import NAFNetConfig, load_params
-    from deblur.data.pairs import INDEX_NAME
     from deblur.models.official import Origin, convert, is_official
 
     if not source.is_file():   # before the pairs check: the file is what the user named
@@ -120,8 +123,6 @@ def import_official(source: Path, name: str | None, licence: str, params_path: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deblur.cli import fail_cleanly
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="deblur-pretraining")
     parser.add_argument("--dir", type=Path, default=PRETRAINED_DIR)
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--pairs", type=Path, default=Path("data/pairs"))
     parser.add_argument("--reports", type=Path, default=Path("reports/shipped"))
-    parser.add_argument("--serving-dir", type=Path, default=Path("function_app/model"))
+    parser.add_argument("--serving-dir", type=Path, default=DEFAULT_MODEL_DIR)
     args = parser.parse_args(argv)
     runs = import_runs(args.dir, args.experiment)
     if args.register is None:

@@ -9,7 +9,9 @@
     deblur merge-lora --adapter models:/deblur/5 -o merged.pt      # a LoRA adapter folded into its base
 
 Kept apart from ``deblur.cli`` (imported by every pipeline script) so that the stages' code
-dependencies do not grow by the import commands.
+dependencies do not grow by the import commands. Each subcommand imports what it needs when it runs
+(the imports inside the functions below), so that ``deblur --help`` and ``deblur serve`` start without
+torch, mlflow or pydantic.
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ from pathlib import Path
 
 from deblur.cli import fail_cleanly
 from deblur.core.errors import DeblurError
+from deblur.core.runtime_env import prefer_passive_openmp
+from deblur.core.stage_spec import DEFAULT_MODEL_DIR
 
 
 def _import_checkpoint(args: argparse.Namespace) -> int:
-    from deblur.cli.import_pretrained import import_official
+    from deblur.cli.import_pretrained import import_official   # lazy: this subcommand's modules only
 
     return fail_cleanly(import_official, args.file, args.name, args.licence, args.params, args.pairs, args.reports,
                         args.serving_dir, args.padding, args.train_patch_size, args.param_key)
 
 
 def _merge_lora(args: argparse.Namespace) -> int:
-    from deblur.cli.merge_lora import merge_command
+    from deblur.cli.merge_lora import merge_command   # lazy: torch
 
     return fail_cleanly(merge_command, args.adapter, args.base, args.out)
 
@@ -42,10 +46,10 @@ def _predict(args: argparse.Namespace) -> int:
                   "(drop them, or drop --psf)", file=sys.stderr)
             return 2
         return _predict_with_psf(args)
-    from pydantic import ValidationError
+    from pydantic import ValidationError   # lazy, as the predict subcommand's modules below
 
-    from deblur.cli import predict
     from deblur.artifact.meta import ServingError
+    from deblur.cli import predict
 
     try:
         return predict.run(args.inputs, args.out, args.model, args.params, args.format, args.tile_size, args.overlap,
@@ -58,7 +62,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _predict_with_psf(args: argparse.Namespace) -> int:
-    from deblur.cli import predict  # no model, no torch
+    from deblur.cli import predict   # lazy: the predict subcommand's modules (here no model, no torch)
 
     try:
         return predict.run_with_psf(args.inputs, args.out, args.psf, args.format, args.quality, args.threads)
@@ -80,8 +84,8 @@ def parser() -> argparse.ArgumentParser:
                     "1 when some were skipped, 2 when nothing could start (no inputs, no model).")
     pred.add_argument("inputs", nargs="+", metavar="IN", help="image files, folders (recursive) or glob patterns")
     pred.add_argument("-o", "--out", type=Path, required=True, help="output folder (created)")
-    pred.add_argument("--model", default="function_app/model",
-                      help="a serving artifact folder (default: the exported champion, function_app/model) "
+    pred.add_argument("--model", default=str(DEFAULT_MODEL_DIR),
+                      help=f"a serving artifact folder (default: the exported champion, {DEFAULT_MODEL_DIR.as_posix()}) "
                            "or a registry URI, models:/<name>@<alias> or models:/<name>/<version> "
                            "(MLFLOW_TRACKING_URI, default sqlite:///mlflow.db)")
     pred.add_argument("--psf", type=Path, default=None,
@@ -97,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
                       help="with --mode thorough: write each image's estimated kernel beside its output, "
                            "OUT/<name>.psf.png (16-bit, scaled to its peak) and OUT/<name>.psf.npy (float32, sum 1)")
     pred.add_argument("--format", choices=("same", "png", "jpeg", "webp"), default="same",
-                      help="output format (default: as the input; PNG for TIFF/BMP inputs)")
+                      help="output format (default: as the input; PNG for TIFF/BMP/GIF inputs)")
     pred.add_argument("--tile-size", type=int, default=None, help="tile size (default: the model's tiling)")
     pred.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the model's tiling)")
     pred.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
@@ -131,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
     one.add_argument("--pairs", type=Path, default=Path("data/pairs"), help="pairs whose test split scores the import")
     one.add_argument("--reports", type=Path, default=Path("reports/imported"),
                      help="the converted checkpoint and its evaluation go to REPORTS/NAME/")
-    one.add_argument("--serving-dir", type=Path, default=Path("function_app/model"))
+    one.add_argument("--serving-dir", type=Path, default=DEFAULT_MODEL_DIR)
     one.set_defaults(run=_import_checkpoint)
 
     merge = commands.add_parser(
@@ -154,17 +158,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deblur.core.runtime_env import prefer_passive_openmp
-
     prefer_passive_openmp()   # before torch loads: OpenMP threads sleep instead of spinning on shared cores
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
-        from deblur.service import server
+        from deblur.service import server   # lazy: the HTTP service's modules only
 
         server.main(argv[1:])
         return 0
     if argv[:1] == ["import-pretrained"]:
-        from deblur.cli import import_pretrained
+        from deblur.cli import import_pretrained   # lazy: this subcommand's modules only
 
         return import_pretrained.main(argv[1:])
     args = parser().parse_args(argv)

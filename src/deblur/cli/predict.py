@@ -25,9 +25,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from pydantic import ValidationError
 
+from deblur.core.config import KernelAwareConfig, load_params
 from deblur.core.errors import DeblurError
-from deblur.core.imageio import IMAGE_SUFFIXES, ImageError
+from deblur.core.imageio import IMAGE_SUFFIXES, ImageError, decode_image, encode_image
+from deblur.core.progress import progress
+from deblur.psf.deconvolve import deconvolve
+from deblur.psf.io import load_psf, write_psf
+from deblur.psf.restore import restore_thorough
 
 FORMATS = {"png": ("PNG", ".png"), "jpeg": ("JPEG", ".jpg"), "webp": ("WEBP", ".webp")}
 SAME_AS_INPUT = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}   # other input formats are written as PNG
@@ -77,12 +83,11 @@ def collect_inputs(inputs: list[str]) -> list[Job]:
 
 def load_model(model: str, params_path: Path, threads: int | None):
     """A ServingModel from a serving artifact folder or a ``models:/`` registry URI."""
+    # torch and mlflow load here, with a model: ``--psf`` runs without them
     from deblur.artifact.torch_model import load_serving_model
     from deblur.tracking.registry_serving import load_from_model_uri
 
     if model.startswith("models:/"):
-        from deblur.core.config import load_params
-
         if params_path.is_file():   # the tiling for a model logged without one
             params = load_params(params_path)
             return load_from_model_uri(model, params.tiling, threads or params.serving.threads)
@@ -93,10 +98,6 @@ def load_model(model: str, params_path: Path, threads: int | None):
 def kernel_aware_of(serving_model, params_path: Path):
     """The thorough mode's settings for ``serving_model``: its artifact's ``kernel_aware`` (None for an artifact
     exported before kernel-aware restoration), or for a ``models:/`` URI ``--params``' (as its tiling)."""
-    from pydantic import ValidationError
-
-    from deblur.core.config import KernelAwareConfig, load_params
-
     raw = serving_model.meta.get("kernel_aware")
     if raw is not None:
         try:
@@ -134,8 +135,6 @@ def predict(jobs: list[Job], serving_model, out_dir: Path, fmt: str, tile_size: 
 
     if mode == "fast":
         return restore_all(jobs, network, out_dir, fmt, quality)
-    from deblur.psf.restore import restore_thorough
-
     return restore_all(jobs, lambda rgb: restore_thorough(rgb, network, kernel_aware)[0], out_dir, fmt, quality,
                        save_psf=save_psf)
 
@@ -145,9 +144,6 @@ def restore_all(jobs: list[Job], restore: Callable[[np.ndarray], np.ndarray], ou
     """Write ``restore(rgb)`` of every job into ``out_dir``; unreadable inputs are recorded, not raised.
     ``restore`` may return a thorough-mode result (``deblur.psf.restore.ThoroughResult``): its choice is
     printed, and with ``save_psf`` its kernel written beside the output."""
-    from deblur.core.imageio import decode_image, encode_image
-    from deblur.core.progress import progress
-
     report = Report()
     bar = progress(jobs, desc="deblur", unit="image")
     for job in bar:
@@ -178,8 +174,6 @@ def _thorough_line(job: Job, target: Path, outcome, save_psf: bool) -> str:
         height, width = outcome.psf.shape[:2]
         line += f", PSF {width}x{height}"
         if save_psf:
-            from deblur.psf.io import write_psf
-
             stem = target.with_suffix("")
             for suffix in (".psf.png", ".psf.npy"):
                 write_psf(stem.with_name(stem.name + suffix), outcome.psf)
@@ -203,9 +197,6 @@ def run(inputs: list[str], out_dir: Path, model: str, params_path: Path, fmt: st
 def run_with_psf(inputs: list[str], out_dir: Path, psf_path: Path, fmt: str, quality: int,
                  threads: int | None) -> int:
     """``deblur predict --psf``: non-blind deconvolution of every input with one known PSF."""
-    from deblur.psf.deconvolve import deconvolve
-    from deblur.psf.io import load_psf
-
     psf = load_psf(psf_path)   # a bad PSF stops the command before any output
     jobs = _prepare(inputs, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,17 @@ NOISE = "noise"                                          # no blur, Gaussian noi
 DEGRADATION_TYPES = (*BLUR_TYPES, NOISE)                 # every value blur_mix accepts, in draw order
 
 
+def overlap_fits(tile_size: int, overlap: int) -> bool:
+    """The overlap rule: a tile's two ramps must not meet, ``2 * overlap < tile_size``."""
+    return 2 * overlap < tile_size
+
+
+def check_overlap(tile_size: int, overlap: int) -> None:
+    """Raises ValueError when ``overlap`` breaks ``overlap_fits``."""
+    if not overlap_fits(tile_size, overlap):
+        raise ValueError(f"overlap {overlap} must be less than half of tile_size {tile_size}")
+
+
 class ConfigError(DeblurError, ValueError):
     """params.yaml is missing, unreadable or invalid; the message names file and key."""
 
@@ -346,8 +357,7 @@ class TilingConfig(_Strict):
 
     @model_validator(mode="after")
     def _overlap_fits(self) -> "TilingConfig":
-        if 2 * self.overlap >= self.tile_size:
-            raise ValueError(f"overlap {self.overlap} must be less than half of tile_size {self.tile_size}")
+        check_overlap(self.tile_size, self.overlap)
         return self
 
 
@@ -367,13 +377,22 @@ class EvaluateConfig(_Strict):
 
 
 class RegisterConfig(_Strict):
+    """The registered model's name and the promotion gate's thresholds (deblur.evaluation.gate takes this as is)."""
+
     model_name: str
-    margin_db: float = Field(ge=0)
+    margin_db: float = Field(ge=0, allow_inf_nan=False)
     confidence: float = Field(gt=0, lt=1)
-    bootstrap_samples: int = Field(ge=100)
-    min_gain_over_input_db: float
+    bootstrap_samples: int
+    min_gain_over_input_db: float = Field(allow_inf_nan=False)
     min_pairs_per_blur_type: int = Field(ge=1)
-    min_sharp_in_psnr: float
+    min_sharp_in_psnr: float = Field(allow_inf_nan=False)
+
+    @field_validator("bootstrap_samples")
+    @classmethod
+    def _enough_samples(cls, v: int) -> int:
+        if v < 100:
+            raise ValueError(f"bootstrap samples must be at least 100, got {v}")
+        return v
 
 
 class KernelAwareConfig(_Strict):
@@ -386,6 +405,7 @@ class KernelAwareConfig(_Strict):
     network_latent: bool
     min_confidence: float = Field(ge=0.0, le=1.0)
     max_overshoot: float = Field(ge=0.0, le=1.0)
+    min_network_agreement: float | None = Field(default=None, ge=-1.0, le=1.0)   # None: check off
     sharp_support: int = Field(ge=1)
     half_scale_from: int = Field(ge=1)
     quarter_scale_from: int = Field(ge=1)
@@ -457,7 +477,7 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _refiner_fits(self) -> "Params":
-        # read through __dict__: validating is not a stage reading these sections (tests/test_stage_spec.py)
+        # read through __dict__: validating is not a stage reading these sections (tests/core/test_stage_spec.py)
         model, serving, tiling = (self.__dict__[k] for k in ("model", "serving", "tiling"))
         if model.name != "diffusion_refiner":
             return self
@@ -478,17 +498,8 @@ class Params(_Strict):
 
     def flat(self) -> dict[str, str]:
         """Dotted ``section.key -> value`` pairs, for MLflow params."""
-        out: dict[str, str] = {}
-
-        def walk(prefix: str, value) -> None:
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    walk(f"{prefix}.{k}" if prefix else k, v)
-            else:
-                out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-
-        walk("", self.model_dump(mode="json", by_alias=True))
-        return out
+        return {key: json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+                for key, value in flatten_dotted(self.model_dump(mode="json", by_alias=True)).items()}
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
@@ -542,6 +553,18 @@ def _deep_merge(base: dict, overlay: dict, source: str, prefix: str = "") -> Non
             raise ConfigError(f"{source}: {dotted}: a section in the base file cannot be replaced by a value")
         else:
             base[key] = value
+
+
+def flatten_dotted(tree: dict, prefix: str = "") -> dict:
+    """Nested mappings as dotted keys, ``{"a": {"b": 1}} -> {"a.b": 1}``; values are kept as they are
+    and an empty mapping leaves no key (the inverse of ``set_dotted``)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def set_dotted(raw: dict, dotted: str, value) -> None:

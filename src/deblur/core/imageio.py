@@ -12,8 +12,6 @@ Conversion rules (documented in documentation/data.md):
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +19,17 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deblur.core.errors import DeblurError
+from deblur.core.files import write_atomically
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
+# The image formats every entry point accepts, in one list: the HTTP API (415 for others), the
+# pyfunc, ``deblur predict`` and ingest (by suffix). Pillow's names; JPEG includes MPO (multi-picture
+# JPEGs from cameras); of a GIF or a multi-page TIFF the first frame is used.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")
+_SUFFIXES = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",), "TIFF": (".tif", ".tiff"),
+             "BMP": (".bmp",), "GIF": (".gif",)}
+IMAGE_SUFFIXES = tuple(suffix for fmt in ACCEPTED_FORMATS for suffix in _SUFFIXES[fmt])
+_SPELLED = [{"WEBP": "WebP"}.get(fmt, fmt) for fmt in ACCEPTED_FORMATS]
+ACCEPTED_FORMATS_TEXT = f"{', '.join(_SPELLED[:-1])} or {_SPELLED[-1]}"   # "JPEG, PNG, WebP, TIFF, BMP or GIF"
 
 
 class ImageError(DeblurError, ValueError):
@@ -44,7 +51,7 @@ def decode_image(data: bytes | str | Path, *, name: str | None = None, max_pixel
         raise ImageError(f"{label}: empty image data")
     try:
         source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
-        with Image.open(source) as img:
+        with Image.open(source, formats=ACCEPTED_FORMATS) as img:
             width, height = img.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageError(
@@ -97,17 +104,7 @@ def _to_rgb8(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
 
 def write_png(path: str | Path, rgb: np.ndarray) -> None:
     """Write uint8 HxWx3 as PNG atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.png")
-    os.close(fd)
-    try:
-        Image.fromarray(rgb).save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
 
 
 def encode_image(rgb: np.ndarray, fmt: str = "PNG", alpha: np.ndarray | None = None, quality: int = 95) -> bytes:

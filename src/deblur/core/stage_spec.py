@@ -9,13 +9,18 @@ to MLflow, the train stage's resume key, and the test that checks ``dvc.yaml`` a
 from __future__ import annotations
 
 import ast
-import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from deblur.core.files import sha256_file
+
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 PROJECT_DIR = PACKAGE_DIR.parents[1]
+
+# The serving artifact the register stage writes (a dvc.yaml out), relative to the project: the default
+# folder of the service, `deblur predict` and the import commands (deblur.artifact.meta re-exports it).
+DEFAULT_MODEL_DIR = Path("function_app/model")
 
 # Sections that say where results are logged, not what is computed: read by every stage,
 # deliberately no DVC param (renaming the MLflow experiment re-runs nothing).
@@ -106,18 +111,11 @@ def _closure(start: Path) -> tuple[Path, ...]:
     return tuple(sorted(seen))
 
 
-def _inert(path: Path) -> bool:
-    """A file that only holds a docstring (a layer's ``__init__.py``): importing it runs nothing."""
-    body = ast.parse(path.read_text(), filename=str(path)).body
-    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
-
-
 def code_files(stage: str) -> list[Path]:
-    """The stage's script (when this is a source checkout) and every ``src/deblur`` file it imports
-    that holds code (a file with only a docstring cannot change what a stage computes)."""
+    """The stage's script (when this is a source checkout) and every ``src/deblur`` file it imports."""
     spec = STAGES[stage]
     start = spec.script if spec.script.is_file() else _module_file(spec.module)
-    return [path for path in _closure(start) if not _inert(path)]
+    return list(_closure(start))
 
 
 def code_digests(stage: str) -> dict[str, str]:
@@ -125,7 +123,7 @@ def code_digests(stage: str) -> dict[str, str]:
     out = {}
     for path in code_files(stage):
         name = path.relative_to(PROJECT_DIR).as_posix() if path.is_relative_to(PROJECT_DIR) else path.name
-        out[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        out[name] = sha256_file(path)[:12]
     return out
 
 

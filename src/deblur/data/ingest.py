@@ -9,19 +9,15 @@ Sources, split rules and conversion rules: documentation/data.md.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -29,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from deblur.core.errors import DeblurError
 from deblur.core.config import EmbeddedConfig, FolderConfig, GoproConfig, Params
+from deblur.core.files import atomic_directory, sha256_file
 from deblur.data.deadleaves import dead_leaves, palette_from_photos
 from deblur.data.pairs import SPLITS
 from deblur.core.imageio import IMAGE_SUFFIXES, ImageError, decode_image, read_rgb, write_png
@@ -220,7 +217,7 @@ def _gopro_row(job: tuple[str, str, Path, Path]) -> ManifestRow | ImageError:
                           f"{sharp} ({sharp_size[0]}x{sharp_size[1]})")
     return ManifestRow(name=f"{sequence}__{sharp.stem}", split=split, source="gopro", path=sharp.as_posix(),
                        blur_path=blur.as_posix(), width=sharp_size[0], height=sharp_size[1],
-                       sha256=file_sha256(sharp))
+                       sha256=sha256_file(sharp))
 
 
 def _header_size(path: Path) -> tuple[int, int]:
@@ -360,7 +357,7 @@ def _write_image(rgb: np.ndarray, name: str, split: str, source: str, staging: P
     relative = Path("images") / split / f"{name}.png"
     write_png(staging / relative, rgb)
     return ManifestRow(name=name, split=split, source=source, path=(out_dir / relative).as_posix(), blur_path=None,
-                       width=int(rgb.shape[1]), height=int(rgb.shape[0]), sha256=file_sha256(staging / relative))
+                       width=int(rgb.shape[1]), height=int(rgb.shape[0]), sha256=sha256_file(staging / relative))
 
 
 def _is_image(path: Path) -> bool:
@@ -369,14 +366,6 @@ def _is_image(path: Path) -> bool:
 
 def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def seeded_unit(key: str, seed: int) -> float:
@@ -394,31 +383,6 @@ def derive_rng(seed: int, *keys: str | int) -> np.random.Generator:
     """A generator fixed by the seed and keys (e.g. an image name): independent of processing order."""
     digest = hashlib.sha256(":".join(str(k) for k in keys).encode()).digest()
     return np.random.default_rng([seed, *np.frombuffer(digest[:16], dtype=np.uint32).tolist()])
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out_dir``; on success it replaces ``out_dir``, on error it is removed."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        staging.chmod(0o755)
-        yield staging
-        _replace_directory(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    if not target.exists() and not target.is_symlink():
-        os.replace(new, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- preview -------------------------------------------------------------------------------

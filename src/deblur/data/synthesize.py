@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from deblur.core.config import DEGRADATION_TYPES, Params
+from deblur.core.files import atomic_directory
 from deblur.data.blur import blur_pair, kernel_image
-from deblur.data.ingest import IngestError, ManifestRow, atomic_directory, derive_rng, read_manifest
+from deblur.data.ingest import IngestError, ManifestRow, derive_rng, read_manifest
 from deblur.data.pairs import INDEX_NAME, SPLITS, read_pairs
 from deblur.core.imageio import decode_image, read_rgb, write_png
 from deblur.core.progress import progress

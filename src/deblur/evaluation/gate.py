@@ -31,7 +31,8 @@ and an exact sign-test p-value, which say whether a mean gain comes from most im
 from a few outliers.
 
 Every check is computed and returned, even after one fails, so every reason can be logged.
-The module is pure: numpy and the standard library, no MLflow, no torch.
+The module is pure: numpy, the standard library and its thresholds (``deblur.core.config.RegisterConfig``),
+no MLflow, no torch.
 """
 
 from __future__ import annotations
@@ -42,28 +43,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from deblur.core.config import RegisterConfig
+
 TIE_DB = 1e-9  # per-image differences this small count as ties in the sign test
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    """Thresholds of the promotion gate (built from params.yaml's ``register`` section)."""
-
-    margin_db: float
-    confidence: float
-    bootstrap_samples: int
-    min_gain_over_input_db: float
-    min_pairs_per_blur_type: int
-    min_sharp_in_psnr: float
-    seed: int
-
-    def __post_init__(self) -> None:
-        _check_comparison_args(self.margin_db, self.confidence, self.bootstrap_samples)
-        if self.min_pairs_per_blur_type < 1:
-            raise ValueError(f"min_pairs_per_blur_type must be at least 1, got {self.min_pairs_per_blur_type}")
-        for name in ("min_gain_over_input_db", "min_sharp_in_psnr"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -222,9 +204,12 @@ def _comparison_values(cmp: dict) -> dict[str, float | int]:
 
 
 def decide(challenger: PairedScores, input_scores: PairedScores, sharp_in_psnr: list[float] | None,
-           champion: PairedScores | None, init_from: PairedScores | None, cfg: GateConfig,
-           champion_label: str = "champion", init_label: str = "init_from") -> Decision:
-    """Run every check of the gate on ``challenger`` and decide whether to promote it."""
+           champion: PairedScores | None, init_from: PairedScores | None, cfg: RegisterConfig,
+           champion_label: str = "champion", init_label: str = "init_from", seed: int = 0) -> Decision:
+    """Run every check of the gate on ``challenger`` and decide whether to promote it.
+
+    ``cfg`` holds the thresholds (params.yaml's ``register`` section); ``seed`` (params.yaml's
+    ``seed``) seeds the paired bootstraps."""
     _, types, c, x = _align(challenger, input_scores, "challenger", "input")
     checks: list[Check] = []
 
@@ -264,14 +249,14 @@ def decide(challenger: PairedScores, input_scores: PairedScores, sharp_in_psnr: 
                             {"n": int(s.size), "worst": worst, "mean": float(s.mean())}))
 
     if champion is not None:
-        cmp = paired_comparison(challenger, champion, cfg.margin_db, cfg.confidence, cfg.bootstrap_samples, cfg.seed,
+        cmp = paired_comparison(challenger, champion, cfg.margin_db, cfg.confidence, cfg.bootstrap_samples, seed,
                                 champion_label)
         checks.append(Check("beats_champion", cmp["passed"],
                             _comparison_detail(cmp, champion_label,
                                                f"needs >= {cfg.margin_db:.2f} dB and lower bound > 0"),
                             _comparison_values(cmp)))
     elif init_from is not None:
-        cmp = paired_comparison(challenger, init_from, 0.0, cfg.confidence, cfg.bootstrap_samples, cfg.seed, init_label)
+        cmp = paired_comparison(challenger, init_from, 0.0, cfg.confidence, cfg.bootstrap_samples, seed, init_label)
         checks.append(Check("beats_init_from", cmp["mean_diff"] > 0.0,
                             _comparison_detail(cmp, init_label, "needs > 0.00 dB"),
                             _comparison_values(cmp)))

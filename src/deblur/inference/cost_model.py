@@ -10,8 +10,8 @@ Each line is fitted by weighted least squares on its own observations: every til
 A prior (measured at export and stored in ``model.json``, else a conservative built-in one)
 enters as pseudo-observations, old observations fade, and each observation is clipped to
 a factor of the current prediction, so a few tiny or unusual requests cannot move it far.
-The tile plan of a request (tile count and padded tile size on the model's grid) is the
-one ``deblur.inference.tiling.tiled_inference`` uses (``deblur.core.tile_grid``).
+The tile plan of a request (tile count and padded tile size on the model's grid) comes from the
+grid ``deblur.inference.tiling.tiled_inference`` tiles on (``deblur.core.tile_grid.TileGrid``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from deblur.core.tile_grid import round_up, tile_starts
+from deblur.core.tile_grid import TileGrid, round_up
 
 PRIOR_KEY = "speed_prior"   # model.json: {runtime: SpeedPrior.to_json()}
 
@@ -89,12 +89,9 @@ class TilePlan:
 
 def plan_tiles(width: int, height: int, tile_size: int, overlap: int, batch_size: int, align: int) -> TilePlan:
     """The tile plan of ``tiled_inference`` for one ``width`` x ``height`` image."""
-    tile_size = max(align, tile_size // align * align)
-    padded_h, padded_w = round_up(height, align), round_up(width, align)
-    tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
-    rows, cols = tile_starts(padded_h, tile_size, overlap, align), tile_starts(padded_w, tile_size, overlap, align)
-    tiles = len(rows) * len(cols)
-    return TilePlan(tiles=tiles, tile_pixels=tile_h * tile_w, batch_size=batch_size, image_pixels=width * height)
+    grid = TileGrid.plan(height, width, tile_size, overlap, align)
+    return TilePlan(tiles=grid.count, tile_pixels=grid.tile_h * grid.tile_w, batch_size=batch_size,
+                    image_pixels=width * height)
 
 
 class RobustLine:

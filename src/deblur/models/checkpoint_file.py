@@ -14,10 +14,8 @@ as they were trained.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +24,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from deblur.core.config import (ControlNetSDConfig, DiffusionRefinerConfig, ModelConfig, NAFNetConfig, StackedConvConfig, UNetConfig)
 from deblur.core.errors import CheckpointError
+from deblur.core.files import write_atomically
 from deblur.models import official
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def upgrade_model_config(raw: dict) -> dict:

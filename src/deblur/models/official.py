@@ -20,13 +20,13 @@ The architecture (width and blocks per stage) is read from the key names and sha
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deblur.core.config import NAFNetConfig
 from deblur.core.errors import CheckpointError
+from deblur.core.files import sha256_file
 from deblur.models.nafnet import NAFNet
 
 PARAM_KEYS = ("params", "params_ema")
@@ -51,15 +51,7 @@ class Origin:
 
     @classmethod
     def of_file(cls, path: str | Path, licence: str = "unknown") -> "Origin":
-        return cls(file=Path(path).name, sha256=file_sha256(path), licence=licence)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return cls(file=Path(path).name, sha256=sha256_file(path), licence=licence)
 
 
 def is_official(obj: object) -> bool:

@@ -12,14 +12,13 @@ File convention (documentation/kernel_aware.md):
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from deblur.core.errors import DeblurError
+from deblur.core.files import atomic_write_bytes
 from deblur.core.imageio import ImageError, decode_image
 
 MAX_PSF_SIDE = 255
@@ -96,16 +95,7 @@ def write_psf(path: str | Path, psf: np.ndarray) -> None:
         data = psf_to_png_bytes(validate_psf(psf, str(path)))
     else:
         raise PsfError(f"{path}: a PSF is written as .npy or .png, not {suffix or 'a file without suffix'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=f".tmp{suffix}")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def _npy_weights(data: bytes, name: str) -> np.ndarray:

@@ -8,9 +8,12 @@ Candidates for one photo (no sharp image needed to choose):
 - ``input``: the photo unchanged.
 
 The selector (``choose``) takes the kernel result only when the estimate is confident (its crops
-agree and the kernel explains the blurred crop) and not near-delta; otherwise the network at the
-scale that fits the estimated blur size. Thresholds live in ``params.yaml`` ``kernel_aware`` and
-were calibrated on synthetic camera shake of training photos (``bench/calibrate_kernel_selector.py``).
+agree and the kernel explains the blurred crop), not near-delta, and its deconvolution does not ring;
+with ``min_network_agreement`` set (off by default: documentation/kernel_aware.md), also only when its
+correction (result - input) correlates with the network's at full and 1/2 scale (``deblur.psf.checks``).
+Otherwise the network at the scale that fits the estimated blur size.
+Thresholds live in ``params.yaml`` ``kernel_aware`` and were calibrated on synthetic camera shake of
+training photos, disjoint from the held-out ones (``bench/bench_kernel_aware.py --calibrate``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from deblur.core.config import KernelAwareConfig
+from deblur.psf.checks import kernel_checks
 from deblur.psf.deconvolve import deconvolve, deconvolve_with_overshoot
 from deblur.psf.estimate import EstimatorSettings, KernelEstimate, estimate_kernel
 
@@ -31,6 +35,8 @@ Network = Callable[[np.ndarray], np.ndarray]   # sRGB uint8 HxWx3 -> deblurred, 
 CANDIDATES = ("kernel", "network", "network_half", "network_quarter", "input")
 SCALE_OF = {"network": 1, "network_half": 2, "network_quarter": 4}
 MIN_SCALED_SIDE = 32   # a coarse scale is skipped when the photo would be smaller than this
+CHECK_REFERENCES = ("network", "network_half")   # network candidates the kernel result must agree with (choose)
+CHECK_SIDE = 512       # px: the checks look at the central square of this side (calibrated on 512 px photos)
 
 
 @dataclass
@@ -68,7 +74,8 @@ def network_scale_for(support: int, cfg: KernelAwareConfig) -> str:
     return "network"
 
 
-def choose(estimate: KernelEstimate, cfg: KernelAwareConfig, overshoot: float | None = None) -> tuple[str, dict]:
+def choose(estimate: KernelEstimate, cfg: KernelAwareConfig, overshoot: float | None = None,
+           checks: dict | None = None) -> tuple[str, dict]:
     """The candidate the evidence supports, and that evidence (JSON-ready).
 
     ``overshoot``: the kernel deconvolution's share of ringing values (``deconvolve_with_overshoot``);
@@ -78,6 +85,8 @@ def choose(estimate: KernelEstimate, cfg: KernelAwareConfig, overshoot: float | 
                 "confidence": round(float(estimate.confidence), 4)}
     if overshoot is not None:
         evidence["overshoot"] = round(float(overshoot), 4)
+    if checks is not None:
+        evidence["checks"] = checks
     if estimate.support <= cfg.sharp_support:
         evidence["reason"] = f"near-delta kernel ({estimate.support} px): the photo looks sharp"
         return "network", evidence
@@ -87,6 +96,10 @@ def choose(estimate: KernelEstimate, cfg: KernelAwareConfig, overshoot: float | 
         distrust = f"the kernel fills the whole {cfg.max_kernel_size} px window"
     elif overshoot is not None and overshoot > cfg.max_overshoot:
         distrust = f"its deconvolution rings ({overshoot:.1%} of values outside [0, 1] > {cfg.max_overshoot:.0%})"
+    elif cfg.min_network_agreement is not None and checks is not None \
+            and (agreement := network_agreement(checks)) is not None and agreement < cfg.min_network_agreement:
+        distrust = (f"its correction disagrees with the network's (correlation {agreement:.2f} < "
+                    f"{cfg.min_network_agreement})")
     else:
         evidence["reason"] = f"kernel estimate trusted (confidence {estimate.confidence:.2f} >= {cfg.min_confidence})"
         return "kernel", evidence
@@ -94,6 +107,13 @@ def choose(estimate: KernelEstimate, cfg: KernelAwareConfig, overshoot: float | 
     evidence["reason"] = (f"kernel estimate not trusted ({distrust}); network at scale 1/{SCALE_OF[choice]} "
                           f"for a {estimate.support} px blur")
     return choice, evidence
+
+
+def network_agreement(checks: dict) -> float | None:
+    """The mean over ``CHECK_REFERENCES`` of the correlation between the kernel result's correction and the
+    network candidate's (``deblur.psf.checks.correction_agreement``); None when none was measured."""
+    values = [checks[f"agree_{name}"] for name in CHECK_REFERENCES if f"agree_{name}" in checks]
+    return float(np.mean(values)) if values else None
 
 
 def restore_thorough(rgb: np.ndarray, network: Network, cfg: KernelAwareConfig, gamma: float = 2.2,
@@ -118,20 +138,51 @@ def restore_thorough(rgb: np.ndarray, network: Network, cfg: KernelAwareConfig, 
         made["kernel"] = register_to_input(deconvolved, estimate.kernel)
         seconds["kernel"] = time.perf_counter() - t
         chosen, evidence = choose(estimate, cfg, overshoot)
-    for name in (CANDIDATES if all_candidates else [chosen]):
-        if name in made:
-            continue
+    if all_candidates:
+        for name in CANDIDATES:
+            _make(name, rgb, network, made, seconds)
+    if "kernel" in made and (all_candidates or (chosen == "kernel" and cfg.min_network_agreement is not None)):
         t = time.perf_counter()
-        if name == "input":
-            made[name] = rgb
-        elif min(rgb.shape[:2]) // SCALE_OF[name] >= MIN_SCALED_SIDE:
-            made[name] = network_at_scale(rgb, network, SCALE_OF[name])
-        seconds[name] = time.perf_counter() - t
+        checks = check_kernel_result(rgb, made, estimate.kernel, network, seconds)
+        seconds["checks"] = time.perf_counter() - t
+        chosen, evidence = choose(estimate, cfg, overshoot, checks)
+    _make(chosen, rgb, network, made, seconds)
     if chosen not in made:   # a coarse scale on a photo too small for it
         chosen = "network"
         made.setdefault("network", network(rgb))
     seconds["total"] = time.perf_counter() - start
     return ThoroughResult(made[chosen], chosen, estimate, evidence, seconds), made
+
+
+def check_kernel_result(rgb: np.ndarray, made: dict, kernel: np.ndarray, network: Network, seconds: dict) -> dict:
+    """``deblur.psf.checks.kernel_checks`` of the kernel result on the photo's central ``CHECK_SIDE`` square
+    (the size the thresholds were calibrated on), against the network candidates on that square: the
+    candidates already made when the square is the whole photo, else the network run on the square only
+    (a fraction of a full-frame run)."""
+    h, w = rgb.shape[:2]
+    top, left = max(0, (h - CHECK_SIDE) // 2), max(0, (w - CHECK_SIDE) // 2)
+    box = (slice(top, top + CHECK_SIDE), slice(left, left + CHECK_SIDE))
+    if h <= CHECK_SIDE and w <= CHECK_SIDE:
+        for name in CHECK_REFERENCES:
+            _make(name, rgb, network, made, seconds)
+        references = {n: made[n] for n in SCALE_OF if n in made}
+    else:
+        square = np.ascontiguousarray(rgb[box])
+        references = {n: network_at_scale(square, network, SCALE_OF[n]) for n in CHECK_REFERENCES
+                      if min(square.shape[:2]) // SCALE_OF[n] >= MIN_SCALED_SIDE}
+    return kernel_checks(rgb[box], made["kernel"][box], kernel, references)
+
+
+def _make(name: str, rgb: np.ndarray, network: Network, made: dict, seconds: dict) -> None:
+    """Candidate ``name`` into ``made`` unless there already (a coarse scale too small for the photo is skipped)."""
+    if name in made:
+        return
+    t = time.perf_counter()
+    if name == "input":
+        made[name] = rgb
+    elif name in SCALE_OF and min(rgb.shape[:2]) // SCALE_OF[name] >= MIN_SCALED_SIDE:
+        made[name] = network_at_scale(rgb, network, SCALE_OF[name])
+    seconds[name] = time.perf_counter() - t
 
 
 def centroid_offset(kernel: np.ndarray) -> tuple[float, float]:

@@ -23,6 +23,9 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
 from deblur.core.config import ServingConfig, TilingConfig
+from deblur.core.imageio import ACCEPTED_FORMATS, ACCEPTED_FORMATS_TEXT
+from deblur.core.config import overlap_fits
+from deblur.psf.io import NPY_MAGIC, PsfError, psf_from_bytes
 from deblur.service.errors import ApiError
 
 if TYPE_CHECKING:
@@ -30,7 +33,6 @@ if TYPE_CHECKING:
 
     from deblur.service.admission import Reservation
 
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF")  # JPEG includes MPO (multi-picture JPEGs from cameras)
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
@@ -147,7 +149,7 @@ def accepted_media(accept: str) -> list[str]:
 def tiling_params(request: Request, serving: ServingConfig, default: TilingConfig) -> tuple[int, int]:
     tile_size = int_param(request, "tile_size", serving.tile_size_range, default.tile_size)
     overlap = int_param(request, "overlap", serving.overlap_range, default.overlap)
-    if 2 * overlap >= tile_size:
+    if not overlap_fits(tile_size, overlap):
         raise ApiError(400, "invalid_parameter", f"overlap={overlap} must be less than half of tile_size={tile_size}")
     return tile_size, overlap
 
@@ -288,8 +290,6 @@ def read_psf(data: bytes, name: str) -> np.ndarray:
 
     An image's size is read from its header first, so a small file that decodes to a huge picture
     costs nothing; ``.npy`` data is bounded by the body limit."""
-    from deblur.psf.io import NPY_MAGIC, PsfError, psf_from_bytes
-
     label = f"the '{PSF_FIELD}' part ({name})" if name != PSF_FIELD else f"the '{PSF_FIELD}' part"
     how = ("; send a .npy 2-D float array or a greyscale PNG, both sides odd and at most "
            f"{MAX_PSF_SIDE} px, the centre pixel being the origin")
@@ -424,7 +424,7 @@ def probe(data: bytes, serving: ServingConfig) -> tuple[int, int]:
             raise ApiError(400, "invalid_image", f"the body starts like a {fmt} file but its header cannot be read: "
                            "it is corrupt or truncated; send the complete file") from err
         raise ApiError(415, "unsupported_media_type", "the body is not an image in a supported format "
-                       f"({', '.join(ACCEPTED_FORMATS)})") from err
+                       f"({ACCEPTED_FORMATS_TEXT})") from err
     except Image.DecompressionBombError as err:
         raise ApiError(413, "image_too_large", f"the image has too many pixels ({err}); the limit is "
                        f"{serving.max_pixels} pixels (serving.max_pixels)") from err

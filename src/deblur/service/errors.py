@@ -18,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deblur.core.imageio import ACCEPTED_FORMATS_TEXT
+
 log = logging.getLogger("deblur.service")
 
 DEBLUR_ROUTE = "POST /api/deblur"
@@ -71,7 +73,7 @@ ERROR_CODES: dict[str, ErrorCode] = {
                                       "needs more than the `serving.max_buffered_mb` budget"),
     "image_too_slow": ErrorCode(413, "this worker's measured speed says the image would take longer than "
                                      "`serving.max_request_seconds`; the detail names the largest size that fits"),
-    "unsupported_media_type": ErrorCode(415, "not a JPEG, PNG, WebP, TIFF, BMP or GIF image"),
+    "unsupported_media_type": ErrorCode(415, f"not a {ACCEPTED_FORMATS_TEXT} image"),
     "internal_error": ErrorCode(500, "a bug: the detail names the exception (the worker keeps serving)",
                                 routes=(EVERY_ROUTE,)),
     "model_unavailable": ErrorCode(503, "the model could not be loaded (the detail says why; retried on the "

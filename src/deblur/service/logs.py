@@ -7,6 +7,8 @@ import logging
 import re
 from urllib.parse import unquote_plus
 
+from uvicorn.config import LOGGING_CONFIG
+
 SECRET_NAMES = frozenset({"code", "key", "api_key", "sig"})
 # a query parameter in a logged URL: separator, name as sent, value as sent (up to the next & or space,
 # as Starlette reads it: a key may contain ; # or ")
@@ -53,8 +55,6 @@ def secret_name(name: str) -> bool:
 
 def uvicorn_log_config() -> dict:
     """uvicorn's logging set-up with ``RedactSecrets`` on its handlers (the access log shows each query)."""
-    from uvicorn.config import LOGGING_CONFIG
-
     config = copy.deepcopy(LOGGING_CONFIG)
     config.setdefault("filters", {})["redact"] = {"()": RedactSecrets}
     for handler in config["handlers"].values():

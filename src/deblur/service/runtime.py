@@ -26,11 +26,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 
 from deblur.artifact.meta import DEFAULT_MODEL_DIR, ServingError, read_artifact_meta
 from deblur.core.config import KernelAwareConfig, ServingConfig, TilingConfig, load_params
-from deblur.core.imageio import ImageError, decode_image, encode_image
+from deblur.core.imageio import ACCEPTED_FORMATS_TEXT, ImageError, decode_image, encode_image
+from deblur.psf.io import psf_to_png_bytes
 from deblur.service.errors import ApiError
 
 log = logging.getLogger("deblur.service")
@@ -184,16 +186,16 @@ class ModelHolder:
         when the artifact has no model.onnx or onnxruntime is missing, and says so in the log."""
         onnx_error = None
         if self.source.model_uri is None and self.runtime == "onnx":
-            from deblur.artifact.onnx_model import load_onnx_serving_model
+            from deblur.artifact.onnx_model import load_onnx_serving_model   # lazy: onnxruntime
 
             try:
                 return load_onnx_serving_model(self.source.model_dir, self.threads)
             except ServingError as err:
                 onnx_error = err
                 log.warning("serving.runtime onnx: %s; falling back to the torch runtime (model.pt)", err)
-        try:
+        try:   # lazy: torch, and mlflow for a --model-uri; off the cold start and absent from an onnx deployment
             from deblur.artifact.torch_model import load_serving_model
-            from deblur.tracking.registry_serving import load_from_model_uri  # mlflow: only for --model-uri
+            from deblur.tracking.registry_serving import load_from_model_uri
         except ImportError as err:
             raise ServingError(f"{onnx_error or 'serving.runtime is torch'}, and torch cannot be imported ({err}); "
                                "install torch or serve an artifact with a model.onnx (serving.runtime onnx)") from err
@@ -250,13 +252,13 @@ def process_image(holder: ModelHolder, serving: ServingConfig, data: bytes, fmt:
     try:
         decoded = decode_image(data, name="the uploaded image", max_pixels=serving.max_pixels)
     except ImageError as err:
-        raise ApiError(400, "invalid_image", f"{err}; send a complete JPEG, PNG, WebP, TIFF, BMP or GIF file") from err
+        raise ApiError(400, "invalid_image", f"{err}; send a complete {ACCEPTED_FORMATS_TEXT} file") from err
     timings["decode"] = _lap(mark)
     mark = time.perf_counter()
     on_batch = control.on_batch if control is not None else None
     kernel, chosen, evidence, stages = None, None, {}, {}
     if mode == "thorough":
-        from deblur.psf.restore import restore_thorough
+        from deblur.psf.restore import restore_thorough   # lazy: scipy and OpenCV, off the cold start
 
         def network(rgb):
             return model.deblur(rgb, tile_size, overlap, sampling, on_batch=on_batch)
@@ -266,7 +268,7 @@ def process_image(holder: ModelHolder, serving: ServingConfig, data: bytes, fmt:
                                                      outcome.seconds)
         log.info("thorough: %s (%s)", chosen, evidence.get("reason", ""))
     elif mode == "psf":
-        from deblur.psf.deconvolve import deconvolve
+        from deblur.psf.deconvolve import deconvolve   # lazy: scipy, off the cold start
 
         restored, chosen, kernel = deconvolve(decoded.rgb, psf, workers=serving.threads), "psf", psf
     else:
@@ -298,10 +300,6 @@ def restoration_json(image: bytes, fmt: str, restored, mode: str, chosen: str | 
     the normalised float32 ``.npy``), base64, with the choice and its evidence (documentation/serving.md)."""
     psf_png = psf_npy = None
     if kernel is not None:
-        import numpy as np
-
-        from deblur.psf.io import psf_to_png_bytes
-
         npy = io.BytesIO()
         np.save(npy, (kernel / kernel.sum()).astype(np.float32))
         psf_png = base64.b64encode(psf_to_png_bytes(kernel)).decode("ascii")

@@ -10,10 +10,12 @@ import re
 import sys
 
 import h11
+import uvicorn
 from uvicorn.protocols.http.h11_impl import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE, H11Protocol
 
 from deblur.core.config import ServingConfig
 from deblur.core.runtime_env import prefer_passive_openmp
+from deblur.service.app import create_app
 from deblur.service.errors import ApiError, error_body
 from deblur.service.logs import RedactSecrets, uvicorn_log_config
 
@@ -143,10 +145,6 @@ def timed_protocol(serving: ServingConfig) -> type[SlowClientTimeouts]:
 def main(argv: list[str] | None = None) -> None:
     """Serve the app with uvicorn on one worker."""
     prefer_passive_openmp()   # before the model (and torch) loads; also kept across the malloc restart below
-    import uvicorn
-
-    from deblur.service.app import create_app
-
     parser = argparse.ArgumentParser(prog="python -m deblur.service",
                                      description="Serve the deblurring HTTP API and web page.")
     parser.add_argument("--host", default="127.0.0.1")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from deblur.tracking import runs as tracking
 from deblur.core.config import Params, load_params
-from deblur.evaluation.gate import Decision, GateConfig, PairedScores, decide, gate_lines
+from deblur.evaluation.gate import Decision, PairedScores, decide, gate_lines
 from deblur.stages.evaluate import evaluation_inputs, load_run_info, read_sharp_in_csv
 from deblur.core.stage_spec import STAGES
 from deblur.tracking.registry_io import download_model_checkpoint
@@ -34,14 +34,6 @@ class Evidence:
     init_from: PairedScores | None = None
     init_from_path: str | None = None
     init_label: str | None = None                 # how the gate names init_from (default: train.init_from <path>)
-
-
-def gate_config(params: Params) -> GateConfig:
-    cfg = params.registration
-    return GateConfig(margin_db=cfg.margin_db, confidence=cfg.confidence, bootstrap_samples=cfg.bootstrap_samples,
-                      min_gain_over_input_db=cfg.min_gain_over_input_db,
-                      min_pairs_per_blur_type=cfg.min_pairs_per_blur_type,
-                      min_sharp_in_psnr=cfg.min_sharp_in_psnr, seed=params.seed)
 
 
 def read_per_image(path: Path) -> tuple[PairedScores, PairedScores]:
@@ -187,8 +179,8 @@ def run_register(params_path: Path, run_info_path: Path, per_image_path: Path, s
         evidence = gather_evidence(params, per_image_path, sharp_in_path, pairs_dir, Path(tmp), check_init_from)
         champion = evidence.champion_version
         decision = decide(evidence.challenger, evidence.input, evidence.sharp_in, evidence.champion, evidence.init_from,
-                          gate_config(params), champion_label=f"champion v{champion.version}" if champion else "champion",
-                          init_label=evidence.init_label or f"train.init_from {evidence.init_from_path}")
+                          params.registration, champion_label=f"champion v{champion.version}" if champion else "champion",
+                          init_label=evidence.init_label or f"train.init_from {evidence.init_from_path}", seed=params.seed)
         with tracking.stage_run("register", params, sections=STAGES["register"].params, parent_run_id=info["run_id"],
                                 tags={"data_hash": info["data_hash"], "train_run_id": info["run_id"]}):
             version = record_in_registry(params, info, decision, evidence)

@@ -12,11 +12,17 @@ from deblur.tracking import runs as tracking
 from deblur.core.config import load_params
 from deblur.data.pairs import read_pairs
 from deblur.core.stage_spec import STAGES
-from deblur.training.trainer import (Trainer, TrainingError, TrainingInterrupted, curve_figure, init_distributed, write_curve)
+from deblur.training.curves import curve_figure, write_curve, write_val_curve
+from deblur.training.distributed import init_distributed
+from deblur.training.errors import TrainingError, TrainingInterrupted
+from deblur.training.trainer import Trainer
 
 
 def run_train(params_path: Path, pairs_dir: Path, checkpoint_dir: Path, curve_path: Path, run_info_path: Path,
-              resume_from: Path | None = None) -> dict:
+              resume_from: Path | None = None, val_curve_path: Path | None = None) -> dict:
+    """Train, log the run to MLflow and write the curves (``val_curve_path``: by default ``val_curve.csv``
+    beside ``curve_path``) and the run info JSON the evaluate stage reads."""
+    val_curve_path = Path(val_curve_path) if val_curve_path else Path(curve_path).parent / "val_curve.csv"
     params = load_params(params_path)
     dist_info = init_distributed()
     if not dist_info.is_main:
@@ -44,7 +50,9 @@ def run_train(params_path: Path, pairs_dir: Path, checkpoint_dir: Path, curve_pa
         if not trainer.best_path.exists():
             raise TrainingError(f"{trainer.best_path}: training produced no best checkpoint (no finite validation)")
         write_curve(result.history, curve_path)
+        write_val_curve(result.history, val_curve_path)
         tracking.log_artifact(curve_path, "plots")
+        tracking.log_artifact(val_curve_path, "plots")
         tracking.log_figure(curve_figure(result.history), "plots/training_curve.png")
         tracking.log_artifact(trainer.best_path, "checkpoints")
         tracking.log_metrics({"best_val_psnr": result.best_psnr, "best_step": result.best_step,
@@ -58,7 +66,7 @@ def run_train(params_path: Path, pairs_dir: Path, checkpoint_dir: Path, curve_pa
 
 
 def pairs_manifest(pairs_dir: Path) -> list[dict]:
-    """One row per train/val pair (the files ``training.train_data_hash`` digests), for the run's dataset input."""
+    """One row per train/val pair (the files ``resume.train_data_hash`` digests), for the run's dataset input."""
     root = Path(pairs_dir)
     return [{"split": split, "id": r.id, "blur_type": r.blur_type, "source": r.source, "name": r.name,
              "blur_image": str(r.blur_path.relative_to(root)), "clear_image": str(r.clear_path.relative_to(root))}

@@ -1,7 +1,7 @@
 """The MLflow pyfunc flavour of a deblur model; the contract is documentation/model_contract.md.
 
 Inputs (one call):
-- encoded images: a 1-D array of base64 strings (or raw bytes) of PNG/JPEG/WebP/TIFF/BMP files,
+- encoded images: a 1-D array of base64 strings (or raw bytes) of PNG/JPEG/WebP/TIFF/BMP/GIF files,
   e.g. a DataFrame with one column ``image``; returns a DataFrame with a column ``image`` of
   base64 PNGs, one row per input, alpha kept.
 - one image as an integer array with values 0..255: (H, W, 3) RGB, (H, W) or (H, W, 1)
@@ -28,11 +28,21 @@ import binascii
 import warnings
 from pathlib import Path
 
-import numpy as np
 import mlflow.pyfunc
+import numpy as np
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+from pydantic import ValidationError
+
+from deblur.core.config import KernelAwareConfig, TilingConfig
+from deblur.core.imageio import ACCEPTED_FORMATS_TEXT, ImageError, decode_image, encode_image
+from deblur.inference.tiling import deblur_array
+from deblur.models.build import model_from_checkpoint
+from deblur.psf.io import PsfError, psf_from_bytes
+from deblur.psf.restore import restore_thorough, restore_with_psf
+from deblur.tracking.runs import _mlflow
 
 IMAGE_COLUMN = "image"
 MODES = ("fast", "thorough")
@@ -71,15 +81,10 @@ class DeblurPyfunc(mlflow.pyfunc.PythonModel):
     kernel_aware = None   # KernelAwareConfig from model_config; None (fast mode only) for subclasses that set none
 
     def load_context(self, context) -> None:
-        from deblur.models.build import model_from_checkpoint
-        from deblur.core.config import TilingConfig
-
         self.model = model_from_checkpoint(context.artifacts["checkpoint"])
         config = context.model_config or {}
         self.tiling = TilingConfig.model_validate(config["tiling"])
         self.max_pixels = config.get("max_pixels")
-        from deblur.core.config import KernelAwareConfig
-
         settings = config.get("kernel_aware")   # None: logged before kernel-aware restoration existed
         self.kernel_aware = KernelAwareConfig.model_validate(settings) if settings else None
 
@@ -101,8 +106,6 @@ class DeblurPyfunc(mlflow.pyfunc.PythonModel):
 
     def _restorer(self, tiling, mode: str):
         """uint8 RGB -> uint8 RGB in ``mode``: the network alone, or thorough kernel-aware restoration."""
-        from deblur.inference.tiling import deblur_array
-
         if mode not in MODES:
             raise contract_error(f"params mode: {mode!r} is not one of {', '.join(MODES)}")
 
@@ -114,16 +117,11 @@ class DeblurPyfunc(mlflow.pyfunc.PythonModel):
         if self.kernel_aware is None:
             raise contract_error("params mode: this model version was logged without kernel-aware settings; "
                                  "register it again (dvc repro) for mode 'thorough', or send mode 'fast'")
-        from deblur.psf.restore import restore_thorough
-
         return lambda rgb: restore_thorough(rgb, network, self.kernel_aware)[0].image
 
     @staticmethod
     def _with_psf(encoded: str):
         """Non-blind restoration with the caller's PSF (params ``psf``)."""
-        from deblur.psf.io import PsfError, psf_from_bytes
-        from deblur.psf.restore import restore_with_psf
-
         try:
             psf = psf_from_bytes(_b64decode(encoded, "params psf"), name="params psf")
         except PsfError as err:
@@ -131,27 +129,19 @@ class DeblurPyfunc(mlflow.pyfunc.PythonModel):
         return lambda rgb: restore_with_psf(rgb, psf)
 
     def _predict_encoded(self, items, restore):
-        import pandas as pd
-
-        from deblur.core.imageio import ImageError, decode_image, encode_image
-
         restored = []
         for number, item in enumerate(items):
             label = f"image {number}" if len(items) > 1 else "the image"
             try:
                 decoded = decode_image(_b64decode(item, label), name=label, max_pixels=self.max_pixels)
             except ImageError as err:
-                raise contract_error(f"{err}; send a complete PNG, JPEG, WebP, TIFF or BMP file, base64-encoded") from err
+                raise contract_error(f"{err}; send a complete {ACCEPTED_FORMATS_TEXT} file, base64-encoded") from err
             sharp = restore(decoded.rgb)
             restored.append(base64.b64encode(encode_image(sharp, "PNG", alpha=decoded.alpha)).decode("ascii"))
         return pd.DataFrame({IMAGE_COLUMN: restored})
 
     def _tiling_for(self, params: dict):
         """Logged tile settings, with per-call overrides (tile_size > 0, overlap >= 0) validated."""
-        from pydantic import ValidationError
-
-        from deblur.core.config import TilingConfig
-
         update = {}
         if int(params.get("tile_size", 0)) > 0:
             update["tile_size"] = int(params["tile_size"])
@@ -211,8 +201,6 @@ def image_from_array(data: np.ndarray, max_pixels: int | None = None) -> tuple[n
 
 def example_png_base64(size: int = 16) -> str:
     """A small deterministic base64 PNG: the logged input example."""
-    from deblur.core.imageio import encode_image
-
     y, x = np.mgrid[0:size, 0:size]
     rgb = np.stack([x * 255 // (size - 1), y * 255 // (size - 1), (x + y) * 255 // (2 * size - 2)], axis=2)
     return base64.b64encode(encode_image(rgb.astype(np.uint8), "PNG")).decode("ascii")
@@ -222,10 +210,6 @@ def log_deblur_model(checkpoint: str | Path, tiling, name: str = "model", max_pi
                      registered_model_name: str | None = None, kernel_aware=None) -> str:
     """Log a checkpoint with its tile settings (and ``kernel_aware`` settings: the thorough mode and the
     default mode) as a pyfunc model (from code) in the active run; returns its model URI."""
-    import pandas as pd
-
-    from deblur.tracking.runs import _mlflow
-
     _mlflow()
     with warnings.catch_warnings():
         # MLflow suggests type hints; the signature above is explicit and predict() enforces the contract

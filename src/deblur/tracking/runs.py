@@ -20,7 +20,8 @@ from typing import Iterator
 import numpy as np
 
 from deblur.core.config import Params
-from deblur.core.stage_spec import logged_param
+from deblur.core.files import atomic_write_text, update_from_file
+from deblur.core.stage_spec import DEFAULT_MODEL_DIR, logged_param
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -37,7 +38,7 @@ def _mlflow():
 
 
 # Written by the pipeline itself: a change there does not make the code differ from the commit.
-PIPELINE_OUTPUTS = ("dvc.lock", "reports", "function_app/model")
+PIPELINE_OUTPUTS = ("dvc.lock", "reports", DEFAULT_MODEL_DIR.as_posix())
 
 
 def git_commit() -> str:
@@ -74,9 +75,7 @@ def files_digest(paths: list[Path] | Path) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        update_from_file(h, p)
     return h.hexdigest()[:16]
 
 
@@ -183,9 +182,8 @@ def active_run_id() -> str | None:
 
 
 def dump_json(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """``obj`` as indented, key-sorted JSON, written atomically (parent folders are made)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 # --- models and the registry ------------------------------------------------------------

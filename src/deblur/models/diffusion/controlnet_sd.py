@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deblur.core.errors import DeblurError
+from deblur.core.files import update_from_file
 from deblur.inference.tiling import tiled_inference
 from deblur.models.checkpoint_file import load_checkpoint
 from deblur.models.common import MODELS, pad_to_multiple
@@ -114,7 +115,7 @@ def sd_weights_hash(weights_dir: str | Path) -> str:
     folder = check_sd_dir(weights_dir)
     digest = hashlib.sha256()
     for name in ("model_index.json", "unet/config.json"):
-        digest.update((folder / name).read_bytes())
+        update_from_file(digest, folder / name)
     return digest.hexdigest()[:16]
 
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deblur.core.tile_grid import tile_starts
-from deblur.inference.tiling import BlendWeights, tiled_inference
+from deblur.core.tile_grid import BlendWeights, TileGrid
+from deblur.inference.tiling import tiled_inference
 from deblur.models.checkpoint_file import checkpoint_model_config
 from deblur.models.common import MODELS, pad_to_multiple
 from deblur.models.diffusion import predictor_checkpoint
@@ -192,29 +192,25 @@ class DiffusionRefiner(nn.Module):
 
     def _tiled_denoise(self, noisy: torch.Tensor, blurred: torch.Tensor, estimate: torch.Tensor, t,
                        tile_size: int, overlap: int, batch_size: int) -> torch.Tensor:
-        """``denoise`` evaluated tile by tile on the ``size_multiple`` grid, blended with deblur.inference.tiling's weights."""
+        """``denoise`` evaluated tile by tile on the ``size_multiple`` grid, blended as tiled_inference blends."""
         align = self.size_multiple
         n, _, height, width = noisy.shape
         tile = max(align, tile_size // align * align)
         if height <= tile and width <= tile:
             return self.denoise(noisy, blurred, estimate, t)
-        overlap = min(overlap, (tile - 1) // 2)
-        tile_h, tile_w = min(tile, height), min(tile, width)
-        ys, xs = tile_starts(height, tile, overlap, align), tile_starts(width, tile, overlap, align)
-        blend = BlendWeights(tile_h, tile_w, len(ys), len(xs), overlap, noisy.device)
+        grid = TileGrid.plan(height, width, tile, min(overlap, (tile - 1) // 2), align)   # height, width: on the grid
+        blend = BlendWeights(grid, lambda weights: torch.from_numpy(weights).to(noisy.device))
         out = torch.zeros_like(noisy)
-        total = torch.zeros((1, 1, height, width), dtype=noisy.dtype, device=noisy.device)
-        cells = [(r, y, c, x) for r, y in enumerate(ys) for c, x in enumerate(xs)]
+        cells = [(r, c) for r in range(grid.rows) for c in range(grid.cols)]
         per_call = max(1, batch_size // n)    # tiles per UNet call; each carries all n images
         for i in range(0, len(cells), per_call):
             batch = cells[i:i + per_call]
-            crop = lambda a: torch.cat([a[..., y:y + tile_h, x:x + tile_w] for _, y, _, x in batch])
+            crop = lambda a: torch.cat([grid.cut(a, r, c) for r, c in batch])
             pred = self.denoise(crop(noisy), crop(blurred), crop(estimate), t).float()
-            for k, (r, y, c, x) in enumerate(batch):
-                weights = blend.tile(r, c)
-                out[..., y:y + tile_h, x:x + tile_w] += pred[k * n:(k + 1) * n] * weights
-                total[..., y:y + tile_h, x:x + tile_w] += weights
-        return out / total
+            for k, (r, c) in enumerate(batch):
+                blend.add(out, pred[k * n:(k + 1) * n], r, c)
+        blend.normalise(out)
+        return out
 
     def refine(self, blurred: torch.Tensor, estimate: torch.Tensor, seed: int | None = None,
                steps: int | None = None, samples: int | None = None,
