@@ -9,7 +9,6 @@ tests/core/test_stage_spec.py fails until dvc.yaml matches; this writes what it 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from deblur.core.stage_spec import PROJECT_DIR, STAGES, code_files
 

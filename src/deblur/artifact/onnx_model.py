@@ -48,7 +48,7 @@ def export_onnx(model, path: str | Path, check_tile: int = 288) -> dict:
     a ``check_tile``-sized tile, one twice as wide and a small one. Raises ServingError below
     MIN_CHECK_PSNR_DB.
     """
-    import torch
+    import torch   # export only: serving this module runs without torch
 
     path = Path(path)
     multiple = int(getattr(model, "size_multiple", 1))
@@ -173,7 +173,7 @@ def tiled_deblur(run: Callable[[np.ndarray], np.ndarray], rgb: np.ndarray, tile_
 
 def _session(path: Path, threads: int):
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort   # imported when a session is opened, not when this module is
     except ImportError as err:
         raise ServingError(f"serving.runtime onnx needs the onnxruntime package ({err}); install it "
                            "(function_app/requirements-onnx.txt) or use serving.runtime torch") from err
@@ -195,7 +195,7 @@ def _session(path: Path, threads: int):
 
 def _opset(path: Path) -> int | None:
     try:
-        import onnx
+        import onnx   # only to read the opset of an exported file
     except ImportError:
         return None
     model = onnx.load(str(path), load_external_data=False)

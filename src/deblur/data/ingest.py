@@ -22,6 +22,7 @@ from typing import Callable
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from skimage import data as skimage_data
 
 from deblur.core.errors import DeblurError
 from deblur.core.config import EmbeddedConfig, FolderConfig, GoproConfig, Params
@@ -293,17 +294,13 @@ def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        from skimage import data
-
-        image = getattr(data, name)()
+        image = getattr(skimage_data, name)()
         return _grey_to_rgb(image) if image.ndim == 2 else image[..., :3]
     return load
 
 
 def _motorcycle() -> np.ndarray:
-    from skimage import data
-
-    return data.stereo_motorcycle()[0]
+    return skimage_data.stereo_motorcycle()[0]
 
 
 EMBEDDED_PHOTOS: dict[str, Callable[[], np.ndarray]] = {

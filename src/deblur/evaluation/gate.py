@@ -290,5 +290,6 @@ def gate_lines(decision: dict) -> list[str]:
         lines += [f"  NO CHAMPION: no version of {decision['model_name']} has passed the gate in this tracking store "
                   f"({decision.get('tracking_uri', 'sqlite:///mlflow.db')}), so nothing is served.",
                   "  To get one: python -m deblur.cli.import_pretrained --register checkpoints/pretrained/nafnet16.pt "
-                  "(the shipped model through the same gate), or train until the checks above pass."]
+                  "(the shipped model through the same gate; on a team tracking server: scripts/tracking_server.sh register), "
+                  "or train until the checks above pass."]
     return lines

@@ -236,7 +236,7 @@ def write_per_blur_csv(summary: dict, path: Path) -> None:
 
 
 def per_blur_figure(summary: dict):
-    import matplotlib
+    import matplotlib  # only here, for the figure: the backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

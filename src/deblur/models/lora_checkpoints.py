@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
+from deblur.models.checkpoint_file import load_checkpoint
 from deblur.models.factory import model_from_checkpoint
 from deblur.models.lora import (BASE_FILE, LoraSettings, load_adapter, merge_adapter, read_base, read_settings,
                                 save_adapter)
@@ -34,7 +35,6 @@ def adapter_from_checkpoint(ckpt: dict, out_dir: str | Path) -> Path:
 
 def merge_into_checkpoint(adapter_dir: str | Path, base_checkpoint: str | Path) -> dict:
     """Base checkpoint + adapter folder -> a plain checkpoint dict (``deblur merge-lora``)."""
-    from deblur.models.checkpoint_file import load_checkpoint
     base = load_checkpoint(base_checkpoint)
     model = model_from_checkpoint(base, for_inference=False)
     merge_adapter(load_adapter(model, adapter_dir))

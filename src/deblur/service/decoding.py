@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 from deblur.core.config import ServingConfig, TilingConfig
 from deblur.core.imageio import ACCEPTED_FORMATS, ACCEPTED_FORMATS_TEXT
 from deblur.core.config import overlap_fits
-from deblur.psf.io import NPY_MAGIC, PsfError, psf_from_bytes
+from deblur.psf.io import MAX_PSF_SIDE, NPY_MAGIC, PsfError, psf_from_bytes
 from deblur.service.errors import ApiError
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ UPLOAD_FIELD = "image"
 PSF_FIELD = "psf"                 # optional multipart part: a known blur kernel (.npy or greyscale PNG)
 MODES = ("fast", "thorough")      # ?mode=: the network only, or kernel-aware restoration (deblur.psf.restore)
 FLAGS = {"1": True, "true": True, "0": False, "false": False}   # ?return_psf=
-MAX_PSF_SIDE = 255                # = deblur.psf.io.MAX_PSF_SIDE (not imported: parsing a request stays light)
 KEY_HEADER = "x-functions-key"   # the API key, as Azure Functions names it
 KEY_PARAMETER = "code"            # ... or in the query, spelled exactly so
 MAX_SEED = 2**63 - 1   # ?seed= bound, = deblur.models.diffusion.refiner.MAX_SEED (not imported: parsing needs no torch)

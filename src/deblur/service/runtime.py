@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from deblur.artifact.meta import DEFAULT_MODEL_DIR, ServingError, read_artifact_meta
+from deblur.artifact.onnx_model import load_onnx_serving_model   # onnxruntime itself loads with the model
 from deblur.core.config import KernelAwareConfig, ServingConfig, TilingConfig, load_params
 from deblur.core.imageio import ACCEPTED_FORMATS_TEXT, ImageError, decode_image, encode_image
 from deblur.psf.io import psf_to_png_bytes
@@ -186,8 +187,6 @@ class ModelHolder:
         when the artifact has no model.onnx or onnxruntime is missing, and says so in the log."""
         onnx_error = None
         if self.source.model_uri is None and self.runtime == "onnx":
-            from deblur.artifact.onnx_model import load_onnx_serving_model   # lazy: onnxruntime
-
             try:
                 return load_onnx_serving_model(self.source.model_dir, self.threads)
             except ServingError as err:

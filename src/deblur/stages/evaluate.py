@@ -8,9 +8,17 @@ from pathlib import Path
 
 import torch
 
-from deblur.tracking import runs as tracking
+from deblur.core import viz
 from deblur.core.config import EvaluateConfig, load_params
+from deblur.core.imageio import write_png
 from deblur.core.stage_spec import STAGES
+from deblur.data.pairs import read_pairs
+from deblur.evaluation.scoring import (bucket_key, evaluate_model, per_blur_figure, write_per_blur_csv,
+                                       write_per_image_csv)
+from deblur.models.build import model_from_checkpoint
+from deblur.models.checkpoint_file import load_checkpoint
+from deblur.models.perceptual import lpips_from_config, lpips_status
+from deblur.tracking import runs as tracking
 
 
 def load_run_info(path: Path) -> dict:
@@ -26,8 +34,6 @@ def evaluation_inputs(pairs_dir: Path, cfg: EvaluateConfig) -> tuple[list, list[
     Sharp-in photos are the test split's sharp images (GoPro's sharp frames included), without
     procedural scenes unless there is nothing else.
     """
-    from deblur.data.pairs import read_pairs
-
     records = read_pairs(pairs_dir, "test")
     if cfg.max_images:
         records = records[: cfg.max_images]
@@ -41,8 +47,6 @@ def evaluation_inputs(pairs_dir: Path, cfg: EvaluateConfig) -> tuple[list, list[
 def flat_test_metrics(summary: dict) -> dict[str, float]:
     """metrics.json flattened to MLflow metric names: ``test_model_psnr``, ``test_motion_model_psnr``,
     per kernel-size bucket ``test_motion_k23_41_model_psnr``, ``test_motion_kle21_n``..."""
-    from deblur.evaluation.scoring import bucket_key
-
     flat = {f"test_{k}": v for k, v in summary["overall"].items()}
     for blur_type, scores in summary["per_blur_type"].items():
         flat.update({f"test_{blur_type}_{k}": v for k, v in scores.items()})
@@ -69,13 +73,6 @@ def read_sharp_in_csv(path: Path) -> list[float]:
 
 def run_evaluate(params_path: Path, run_info_path: Path, pairs_dir: Path, metrics_path: Path, per_image_path: Path,
                  per_blur_path: Path, sharp_in_path: Path, triptych_dir: Path) -> dict:
-    from deblur.core import viz
-    from deblur.models.checkpoint_file import load_checkpoint
-    from deblur.models.build import model_from_checkpoint
-    from deblur.evaluation.scoring import evaluate_model, per_blur_figure, write_per_blur_csv, write_per_image_csv
-    from deblur.core.imageio import write_png
-    from deblur.models.perceptual import lpips_from_config, lpips_status
-
     params = load_params(params_path)
     info = load_run_info(run_info_path)
     cfg = params.evaluate

@@ -14,13 +14,19 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from deblur.tracking import runs as tracking
+from deblur.artifact.export import export_serving_artifact
 from deblur.core.config import Params, load_params
-from deblur.evaluation.gate import Decision, PairedScores, decide, gate_lines
-from deblur.stages.evaluate import evaluation_inputs, load_run_info, read_sharp_in_csv
 from deblur.core.stage_spec import STAGES
-from deblur.tracking.registry_io import download_model_checkpoint
+from deblur.evaluation.gate import Decision, PairedScores, decide, gate_lines
+from deblur.evaluation.scoring import evaluate_model
+from deblur.models.build import model_from_checkpoint
+from deblur.models.checkpoint_file import load_checkpoint
+from deblur.models.diffusion.controlnet_sd import registry_extras
+from deblur.stages.evaluate import evaluation_inputs, load_run_info, read_sharp_in_csv
+from deblur.tracking import runs as tracking
 from deblur.tracking.lora_pyfunc import log_adapter_model
+from deblur.tracking.pyfunc import log_deblur_model
+from deblur.tracking.registry_io import download_model_checkpoint
 
 
 @dataclass
@@ -58,9 +64,6 @@ def read_predictor_scores(path: Path) -> PairedScores | None:
 
 
 def _rescore(checkpoint, params: Params, records, desc: str) -> PairedScores:
-    from deblur.models.build import model_from_checkpoint
-    from deblur.evaluation.scoring import evaluate_model
-
     result = evaluate_model(model_from_checkpoint(checkpoint), records, params.tiling, params.evaluate,
                             params.synthesize.gamma, with_baseline=False, desc=desc, kernel_aware=params.kernel_aware)
     return PairedScores(tuple(r.id for r in result.images), tuple(r.blur_type for r in result.images),
@@ -96,10 +99,6 @@ def record_in_registry(params: Params, info: dict, decision: Decision, evidence:
 
     A LoRA run (its checkpoint has a ``lora`` entry) logs only the adapter; the version's tags
     link its base (``base_model_uri``, ``base_model_version``)."""
-    from deblur.models.checkpoint_file import load_checkpoint
-    from deblur.models.diffusion.controlnet_sd import registry_extras
-    from deblur.tracking.pyfunc import log_deblur_model
-
     name = params.registration.model_name
     checkpoint = load_checkpoint(info["checkpoint"])   # read once: which kind of model this is
     lora = checkpoint.get("lora")
@@ -144,8 +143,6 @@ def record_in_registry(params: Params, info: dict, decision: Decision, evidence:
 def export_champion(params: Params, info: dict, decision: Decision, version: str, evidence: Evidence,
                     serving_dir: Path) -> str | None:
     """Export the serving artifact of the champion after this decision; returns its version (None: no champion)."""
-    from deblur.artifact.export import export_serving_artifact
-
     name = params.registration.model_name
     if decision.promote:
         checkpoint, served, run_id, psnr = Path(info["checkpoint"]), version, info["run_id"], evidence.challenger.psnr

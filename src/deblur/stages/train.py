@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from deblur.tracking import runs as tracking
 from deblur.core.config import load_params
@@ -75,6 +76,4 @@ def pairs_manifest(pairs_dir: Path) -> list[dict]:
 
 def _close_distributed(dist_info) -> None:
     if dist_info.world_size > 1:
-        import torch.distributed as dist
-
         dist.destroy_process_group()

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd
 
 from deblur.core.config import TilingConfig
 from deblur.models.checkpoint_file import load_checkpoint
@@ -37,10 +39,6 @@ def log_adapter_model(checkpoint: str | Path, tiling, name: str = "model",
                       max_pixels: int | None = None) -> tuple[str, dict]:
     """Log only the adapter of a LoRA checkpoint as a pyfunc model in the active run; returns
     its model URI and the base reference (for the version's tags)."""
-    from importlib.metadata import version
-
-    import pandas as pd
-
     _mlflow()
     ckpt = load_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory() as tmp:

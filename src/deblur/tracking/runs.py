@@ -4,6 +4,9 @@ Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` in th
 directory (artifacts then go to ``./mlruns``). Every stage opens its run through
 ``stage_run`` so runs carry the same tags: ``stage``, ``pipeline_id`` (shared by the runs of
 one ``dvc repro``), ``git_commit``, ``params_digest``.
+
+mlflow (and pandas, which it needs) is imported on first use, inside the functions below: it takes
+2-4 s, and stages that only need a helper of this module (``files_digest``, ``dump_json``) stay fast.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -31,7 +35,7 @@ def tracking_uri() -> str:
 
 
 def _mlflow():
-    import mlflow
+    import mlflow   # lazy: on first use (module docstring)
 
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow
@@ -117,7 +121,7 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
 def log_metrics_to_run(run_id: str, metrics: dict[str, float]) -> None:
     """Log metrics to another (finished) run, e.g. test scores onto the train run they belong to."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric   # lazy: mlflow
 
     now = int(time.time() * 1000)
     batch = [Metric(k.replace("@", "_at_"), float(v), now, 0) for k, v in metrics.items()
@@ -163,9 +167,7 @@ def log_text(text: str, artifact_file: str) -> None:
 
 def log_training_data(rows: list[dict], name: str, source: str | Path, digest: str) -> None:
     """Record what the active run trains on as an MLflow dataset input: one row per pair, digest = the data hash."""
-    import warnings
-
-    import pandas as pd
+    import pandas as pd   # lazy: with mlflow
 
     mlflow = _mlflow()
     with warnings.catch_warnings():
@@ -202,7 +204,7 @@ def set_alias(name: str, alias: str, version: str) -> None:
 def version_by_alias(name: str, alias: str):
     """The ModelVersion holding ``alias``, or None when the model or alias does not exist."""
     mlflow = _mlflow()
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException   # lazy: mlflow
 
     try:
         return mlflow.MlflowClient().get_model_version_by_alias(name, alias)
@@ -229,7 +231,7 @@ def set_version_tags(name: str, version: str, tags: dict) -> None:
 
 def export_run(run_id: str, path: str | Path, store_uri: str | None = None) -> dict:
     """Write a run's params, tags and full metric histories to JSON (portable, small)."""
-    import mlflow
+    import mlflow   # lazy; not _mlflow(): the tracking URI of this process stays as it is
 
     client = mlflow.MlflowClient(store_uri or tracking_uri())
     run = client.get_run(run_id)
@@ -247,7 +249,7 @@ def import_run(path: str | Path, experiment: str, artifacts: list[str | Path] = 
 
     Returns the run id in this store; a run tagged ``imported_from=<original id>`` is reused.
     """
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param   # lazy: mlflow
 
     record = json.loads(Path(path).read_text())
     client = _mlflow().MlflowClient()

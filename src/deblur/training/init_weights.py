@@ -28,7 +28,8 @@ def load_init_from(model: nn.Module, source: str, model_cfg: ModelConfig, lora: 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(source)
         if source.startswith("models:/"):
-            from deblur.models.lora import LoraError  # peft: only for LoRA and models:/ bases
+            # peft (deblur.models.lora, also under registry_io): imported only for LoRA and models:/ bases
+            from deblur.models.lora import LoraError
             from deblur.tracking.registry_io import resolve_base
 
             try:
@@ -36,7 +37,7 @@ def load_init_from(model: nn.Module, source: str, model_cfg: ModelConfig, lora: 
             except (LoraError, FileNotFoundError) as err:
                 raise TrainingError(str(err)) from err
         elif lora:
-            from deblur.models.lora import BaseModelRef
+            from deblur.models.lora import BaseModelRef   # peft, as above
 
             base_ref = BaseModelRef(source=source)
         load_init_weights(model, path, model_cfg, say)

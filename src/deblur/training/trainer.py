@@ -75,7 +75,7 @@ class Trainer:
         self.base_ref = None    # what train.init_from resolved to (deblur.models.lora.BaseModelRef)
         self.lora = self.cfg.lora.rank > 0
         if self.lora:           # the base's weights, then the adapter; a resume overwrites both
-            from deblur.models.lora import LoraSettings, attach_adapter
+            from deblur.models.lora import LoraSettings, attach_adapter   # peft: imported only for LoRA runs
 
             self._init_from()
             attach_adapter(self.model, LoraSettings.of(self.cfg.lora))
@@ -217,7 +217,7 @@ class Trainer:
         self.history = list(ckpt.get("history", []))
         self.best_checkpoint = ckpt.get("best_checkpoint")
         if ckpt.get("lora"):   # the base the run started from, even if an alias has moved since
-            from deblur.models.lora import BaseModelRef
+            from deblur.models.lora import BaseModelRef   # peft, as above
 
             base = ckpt["lora"]["base"]
             self.base_ref = BaseModelRef(base["source"], base.get("name"), base.get("version"))

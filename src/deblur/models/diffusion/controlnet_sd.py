@@ -11,6 +11,8 @@ given the estimate's colours back (wavelet or AdaIN colour fix, after DiffBIR/St
 The SD weights are never copied: a checkpoint holds only what was trained (ControlNet and/or
 LoRA tensors) and the config pointing at ``weights_dir``. Everything is read from local files
 (``local_files_only=True``, ``HF_HUB_OFFLINE=1``); a missing file is an error naming it.
+diffusers, transformers and peft are imported inside the functions that use them, after ``_offline()``:
+they are optional and heavy, and importing this module (the registry of architectures does) stays cheap.
 Perceptual-only: the model can invent detail that is not in the scene (documentation/diffusion.md).
 """
 
@@ -99,7 +101,7 @@ def load_pipeline(weights_dir: str | Path, controlnet: nn.Module | str | Path, i
     ``controlnet`` is a ControlNetModel or the directory of one."""
     _offline()
     folder = check_sd_dir(weights_dir)
-    from diffusers import (ControlNetModel, StableDiffusionControlNetImg2ImgPipeline,
+    from diffusers import (ControlNetModel, StableDiffusionControlNetImg2ImgPipeline,   # lazy: optional, heavy
                            StableDiffusionControlNetPipeline)
 
     if not isinstance(controlnet, nn.Module):
@@ -195,8 +197,8 @@ class ControlNetSD(nn.Module):
             raise ControlNetSDError("model.controlnet_sd.perceptual is > 0 but model.controlnet_sd.perceptual_backbone "
                                     "is null: give a local backbone file or set perceptual: 0")
         _offline()
-        from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel   # lazy: optional
+        from transformers import CLIPTextModel, CLIPTokenizer   # lazy: optional, heavy
 
         self.weights_dir = str(weights_dir)
         self.conditioning = conditioning
@@ -237,7 +239,7 @@ class ControlNetSD(nn.Module):
         if train_parts in ("controlnet", "both"):
             self.controlnet.requires_grad_(True)
         if train_parts in ("lora", "both"):
-            from peft import LoraConfig
+            from peft import LoraConfig   # lazy: optional, for a LoRA on the UNet only
 
             self.unet.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, init_lora_weights="gaussian",
                                              target_modules=list(LORA_TARGETS)))
@@ -368,7 +370,7 @@ class ControlNetSD(nn.Module):
     def sampling_timesteps(self, steps: int | None = None):
         """The DDIM sampler (built from the weights' scheduler config) and the Img2Img timesteps it runs:
         the last ``steps * strength`` of a ``steps``-step schedule."""
-        from diffusers import DDIMScheduler
+        from diffusers import DDIMScheduler   # lazy: optional, heavy
 
         steps = steps or self.steps
         sched = DDIMScheduler.from_config(self.scheduler_config)
@@ -437,7 +439,7 @@ def save_lora_from_checkpoint(checkpoint: dict | str | Path, out_dir: str | Path
     if not layers:
         return None
     _offline()
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline   # lazy: optional, heavy
 
     out_dir = Path(out_dir)
     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers={k: v.float() for k, v in layers.items()})

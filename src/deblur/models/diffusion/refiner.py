@@ -160,7 +160,7 @@ class DiffusionRefiner(nn.Module):
     # --- sampling ---------------------------------------------------------------------------
     def sampling_scheduler(self, steps: int):
         """DDIM or DPM-Solver++ from the training scheduler's config, trailing spacing, ``steps`` steps."""
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler   # heavy, as above
 
         if not 1 <= steps <= self.train_scheduler.config.num_train_timesteps:
             raise RefinerError(f"steps {steps} must be in [1, {self.train_scheduler.config.num_train_timesteps}]")

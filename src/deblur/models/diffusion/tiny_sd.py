@@ -5,12 +5,14 @@ The configs follow diffusers' own pipeline tests (``get_dummy_components`` in
 ``cross_attention_dim=32``, a 5-layer 32-wide CLIP text model, a 2-level VAE (latents at half
 the image size). The CLIP tokenizer's vocabulary and merges are written here (byte-level
 symbols, a few merges), so nothing is downloaded. The weights are random: the result runs every
-code path of a real SD 1.5 directory in seconds on a CPU and deblurs nothing.
+code path of a real SD 1.5 directory in seconds on a CPU and deblurs nothing. diffusers and
+transformers (optional, heavy) are imported inside the functions.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -34,7 +36,7 @@ def _byte_symbols() -> list[str]:
 
 def write_tiny_clip_tokenizer(folder: str | Path) -> Path:
     """``vocab.json`` + ``merges.txt`` of a tiny CLIP BPE tokenizer (model_max_length 77) in ``folder``."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer   # lazy: optional, heavy
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,9 +55,8 @@ def write_tiny_clip_tokenizer(folder: str | Path) -> Path:
 
 def tiny_components(seed: int = 0) -> dict:
     """The modules of a tiny random SD 1.5 pipeline (no safety checker), seeded."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    import tempfile
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel   # lazy: optional, heavy
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer   # lazy: optional, heavy
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -83,7 +84,7 @@ def write_tiny_sd(folder: str | Path, seed: int = 0, controlnet_dir: str | Path 
     """Save a tiny random SD 1.5 directory (``model_index.json``, unet/, vae/, text_encoder/,
     tokenizer/, scheduler/) at ``folder``; with ``controlnet_dir`` also a ControlNet made
     from its UNet (``ControlNetModel.from_unet``). Returns ``folder``."""
-    from diffusers import ControlNetModel, StableDiffusionPipeline
+    from diffusers import ControlNetModel, StableDiffusionPipeline   # lazy: optional, heavy
 
     parts = tiny_components(seed)
     pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
