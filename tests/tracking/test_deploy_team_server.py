@@ -64,7 +64,10 @@ def project(tmp_path):
         else:
             shutil.copy(src, dst)
     write_params(root / "params.yaml", OVERRIDES)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DEBLUR_", "TRACKING_"))}
+    # a user's shell: no settings of ours, and no MAKELEVEL/MAKEFLAGS from a `make test` around pytest
+    # (a nested make prints "Entering directory" lines around its output)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DEBLUR_", "TRACKING_")) and k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     env.update({"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": str(root / "src"),   # the stages import this copy, the one DVC tracks
                 "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
