@@ -194,6 +194,7 @@ class ModelHolder:
                 log.warning("serving.runtime onnx: %s; falling back to the torch runtime (model.pt)", err)
         try:   # lazy: torch, and mlflow for a --model-uri; off the cold start and absent from an onnx deployment
             from deblur.artifact.torch_model import load_serving_model
+            from deblur.tracking import models_uri  # noqa: F401  (a diffusion predictor may be a models:/ URI)
             from deblur.tracking.registry_serving import load_from_model_uri
         except ImportError as err:
             raise ServingError(f"{onnx_error or 'serving.runtime is torch'}, and torch cannot be imported ({err}); "

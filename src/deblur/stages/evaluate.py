@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from deblur.core import viz
+from deblur.tracking import models_uri  # noqa: F401  (a diffusion predictor may be a models:/ URI)
 from deblur.core.config import EvaluateConfig, load_params
 from deblur.core.imageio import write_png
 from deblur.core.stage_spec import STAGES

@@ -23,6 +23,7 @@ from deblur.models.build import model_from_checkpoint
 from deblur.models.checkpoint_file import load_checkpoint
 from deblur.models.diffusion.controlnet_sd import registry_extras
 from deblur.stages.evaluate import evaluation_inputs, load_run_info, read_sharp_in_csv
+from deblur.tracking import models_uri  # noqa: F401  (a diffusion predictor may be a models:/ URI)
 from deblur.tracking import runs as tracking
 from deblur.tracking.lora_pyfunc import log_adapter_model
 from deblur.tracking.pyfunc import log_deblur_model

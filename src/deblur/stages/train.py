@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from deblur.tracking import models_uri  # noqa: F401  (a diffusion predictor may be a models:/ URI)
 from deblur.tracking import runs as tracking
 from deblur.core.config import load_params
 from deblur.data.pairs import read_pairs

@@ -40,6 +40,7 @@ from deblur.core.config import KernelAwareConfig, TilingConfig
 from deblur.core.imageio import ACCEPTED_FORMATS_TEXT, ImageError, decode_image, encode_image
 from deblur.inference.tiling import deblur_array
 from deblur.models.build import model_from_checkpoint
+from deblur.tracking import models_uri  # noqa: F401  (a diffusion predictor may be a models:/ URI)
 from deblur.psf.io import PsfError, psf_from_bytes
 from deblur.psf.restore import restore_thorough, restore_with_psf
 from deblur.tracking.runs import _mlflow

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from torch import nn
 
-from deblur.core import model_sources
 from deblur.models.checkpoint_file import save_atomic
 from deblur.models.factory import model_from_checkpoint
 from deblur.models.lora import CONFIG_FILE, BaseModelRef, LoraError, read_base
@@ -92,5 +91,3 @@ def load_adapter_model(adapter_dir: str | Path) -> tuple[nn.Module, dict]:
         merged = merge_into_checkpoint(adapter_dir, download_model_checkpoint(base["uri"], tmp))
     return model_from_checkpoint(merged), base
 
-
-model_sources.register_models_uri_resolver(download_model_checkpoint)
