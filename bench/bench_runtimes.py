@@ -73,12 +73,13 @@ def export_artifact(checkpoint: Path, out: Path) -> dict:
     """One serving artifact with model.pt and model.onnx; returns the export numbers."""
     from deblur.core.config import load_params
     from deblur.artifact.export import export_serving_artifact
+    from deblur.artifact.meta import read_artifact_meta
 
     params = load_params(ROOT / "params.yaml")
     started = time.perf_counter()
     export_serving_artifact(checkpoint, out, {"name": "bench", "version": "1", "alias": "champion"},
                             tiling=params.tiling, serving=params.serving, onnx=True)
-    meta = json.loads((out / "model.json").read_text())
+    meta = read_artifact_meta(out)   # with runtime.json: the export seconds are there
     return {"export_total_seconds": round(time.perf_counter() - started, 1), "onnx": meta["onnx"]}
 
 
@@ -286,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         both = work / "both"
         if args.artifact:
+            from deblur.artifact.meta import read_artifact_meta   # torch-free
+
             shutil.copytree(args.artifact, both)
-            export = {"export_total_seconds": None, "onnx": json.loads((both / "model.json").read_text())["onnx"]}
+            export = {"export_total_seconds": None, "onnx": read_artifact_meta(both)["onnx"]}
         else:
             export = export_artifact(args.checkpoint, both)
         export.update(model_pt_mb=round((both / "model.pt").stat().st_size / 1e6, 2),

@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 APP_FILES = ("function_app.py", "host.json", ".funcignore", "local.settings.example.json")
 MODEL_FILES = {"torch": ("model.json", "model.pt"), "onnx": ("model.json", "model.onnx")}
+RUNTIME_FILE = "runtime.json"   # the speed prior measured at export, the run id (deblur.artifact.meta): shipped when present
 REQUIREMENTS = {"torch": "requirements.txt", "onnx": "requirements-onnx.txt"}   # in function_app/
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
 
@@ -53,7 +54,7 @@ def build_package(out: Path, model_dir: Path, params: Path = ROOT / "params.yaml
     shutil.copytree(ROOT / "src" / "deblur", out / "deblur", ignore=IGNORED)
     package_model = out / "model"
     package_model.mkdir()
-    for name in MODEL_FILES[runtime]:
+    for name in (*MODEL_FILES[runtime], RUNTIME_FILE):
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, package_model / name)
     if runtime == "onnx" and not (package_model / "model.onnx").is_file():
@@ -65,10 +66,12 @@ def build_package(out: Path, model_dir: Path, params: Path = ROOT / "params.yaml
 
 
 def _export_onnx_into(package_model: Path, model_dir: Path, meta: dict) -> dict:
-    """Export ``model_dir``'s model.pt to ``package_model/model.onnx``; returns the updated metadata."""
+    """Export ``model_dir``'s model.pt to ``package_model/model.onnx``; returns the updated model.json
+    metadata, and writes what the export measured (ONNX speed prior, export seconds) to the package's runtime.json."""
     try:
         from deblur.core.config import ServingConfig, TilingConfig
         from deblur.artifact.export import add_onnx_model
+        from deblur.artifact.meta import merge_runtime_fields, read_runtime_fields, write_artifact_meta
         from deblur.artifact.onnx_model import exportable
     except ImportError as err:
         raise PackageError(f"exporting model.onnx needs the project's environment ({err})") from err
@@ -77,12 +80,13 @@ def _export_onnx_into(package_model: Path, model_dir: Path, meta: dict) -> dict:
     staging = package_model / "model.pt"
     shutil.copy2(model_dir / "model.pt", staging)
     try:
-        meta = dict(meta)
+        meta = merge_runtime_fields(meta, read_runtime_fields(model_dir))
         add_onnx_model(package_model, meta, TilingConfig.model_validate(meta["tiling"]),
                        ServingConfig.model_validate(meta["serving"]))
     finally:
         staging.unlink()
-    return meta
+    write_artifact_meta(package_model, meta)   # runtime.json: the source's fields and the ONNX ones measured here
+    return json.loads((package_model / "model.json").read_text())
 
 
 def folder_size_mb(path: Path) -> float:

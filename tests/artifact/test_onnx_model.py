@@ -21,7 +21,7 @@ from PIL import Image
 from deblur.models.nafnet import LocalAvgPool2d
 from deblur.models.build import model_from_checkpoint
 from deblur.artifact.onnx_model import (ONNX_FILE, OnnxServingModel, _session, export_onnx, exportable, load_onnx_serving_model, tiled_deblur)
-from deblur.artifact.meta import ServingError
+from deblur.artifact.meta import ServingError, read_artifact_meta
 from deblur.artifact.torch_model import ServingModel, load_serving_model
 from deblur.core.tile_grid import axis_total, feather_ramp
 from deblur.inference.tiling import axis_total as _axis_total
@@ -110,10 +110,13 @@ def test_local_pooling_outside_export_is_bit_identical_to_before():
 
 
 def test_exported_model_gives_the_torch_pixels_on_a_720p_image(onnx_artifact):
-    meta = json.loads((onnx_artifact / "model.json").read_text())
+    meta = read_artifact_meta(onnx_artifact)   # model.json with runtime.json merged in
     assert (onnx_artifact / ONNX_FILE).is_file() and meta["onnx"]["file"] == ONNX_FILE
     assert min(meta["onnx"]["check_psnr_db"].values()) >= 60
-    assert set(meta["speed_prior"]) == {"torch", "onnx"}
+    assert set(meta["speed_prior"]) == {"torch", "onnx"} and meta["onnx"]["export_seconds"] > 0
+    runtime = json.loads((onnx_artifact / "runtime.json").read_text())   # what differs on every export
+    assert set(runtime["speed_prior"]) == {"torch", "onnx"} and set(runtime["onnx"]) == {"export_seconds"}
+    assert "export_seconds" not in json.loads((onnx_artifact / "model.json").read_text())["onnx"]
     torch_model, onnx_model = load_serving_model(onnx_artifact, threads=1), load_onnx_serving_model(onnx_artifact, 1)
     assert (onnx_model.name, onnx_model.version, onnx_model.alias) == ("deblur-test", "7", "champion")
     assert onnx_model.architecture == torch_model.architecture and not onnx_model.samples
@@ -246,8 +249,11 @@ def test_onnx_function_package_runs_without_torch(tmp_path, no_torch_path):
     requirements without torch; its handler serves the torch pixels in a process that cannot import torch."""
     torch_only = make_artifact(tmp_path / "a")
     package = build_package(tmp_path / "pkg", torch_only, runtime="onnx")
-    assert sorted(p.name for p in (package / "model").iterdir()) == ["model.json", ONNX_FILE]
+    assert sorted(p.name for p in (package / "model").iterdir()) == ["model.json", ONNX_FILE, "runtime.json"]
     assert json.loads((package / "model" / "model.json").read_text())["serving"]["runtime"] == "onnx"
+    runtime = json.loads((package / "model" / "runtime.json").read_text())   # the artifact's, plus the ONNX prior
+    assert set(runtime["speed_prior"]) == {"torch", "onnx"} and runtime["run_id"] == "run123"
+    assert "speed_prior" not in json.loads((package / "model" / "model.json").read_text())
     requirements = [line for line in (package / "requirements.txt").read_text().splitlines() if "==" in line]
     assert any(line.startswith("onnxruntime==") for line in requirements)
     assert not any(line.startswith("torch") for line in requirements)
@@ -266,7 +272,7 @@ def test_onnx_function_package_runs_without_torch(tmp_path, no_torch_path):
     expected = load_serving_model(torch_only, threads=1).deblur(rgb)
     assert psnr(png_pixels(result.read_bytes()), expected) >= 60
     torch_package = build_package(tmp_path / "pkg", torch_only, runtime="torch")
-    assert sorted(p.name for p in (torch_package / "model").iterdir()) == ["model.json", "model.pt"]
+    assert sorted(p.name for p in (torch_package / "model").iterdir()) == ["model.json", "model.pt", "runtime.json"]
     assert "torch==" in (torch_package / "requirements.txt").read_text()
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from deblur.models.build import model_from_checkpoint
 from deblur.core.imageio import decode_image
 from deblur.artifact.export import export_serving_artifact
-from deblur.artifact.meta import META_FILE, WEIGHTS_FILE, ServingError, read_artifact_meta
+from deblur.artifact.meta import META_FILE, RUNTIME_FILE, WEIGHTS_FILE, ServingError, read_artifact_meta
 from deblur.artifact.torch_model import load_serving_model
 from deblur.inference.tiling import deblur_array
 from deblur.service.server import MALLOC_ENV
@@ -32,9 +32,10 @@ def test_export_then_load_gives_the_checkpoint_model_and_metadata(tmp_path):
     ckpt = make_checkpoint(tmp_path / "c.pt", "stacked_conv", channels=8, depth=3)
     meta = {"name": "deblur", "version": "3", "alias": "champion", "run_id": "abc", "metrics": {"psnr": 28.1}}
     out = export_serving_artifact(ckpt, tmp_path / "model", meta, tiling=PARAMS.tiling, serving=PARAMS.serving)
-    assert sorted(p.name for p in out.iterdir()) == [META_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [META_FILE, WEIGHTS_FILE, RUNTIME_FILE]
     served = load_serving_model(out, threads=1)
     assert (served.name, served.version, served.alias) == ("deblur", "3", "champion")
+    assert served.meta["run_id"] == "abc" and served.meta["exported_at"]      # from runtime.json
     assert served.meta["architecture"] == "stacked_conv" and served.meta["metrics"] == {"psnr": 28.1}
     assert served.tiling == PARAMS.tiling and not served.model.training
     assert torch.get_num_threads() == 1
@@ -61,8 +62,48 @@ def test_export_replaces_the_folder_whole(tmp_path):
     out = make_artifact(tmp_path)
     (out / "stale.txt").write_text("from an older export")
     make_artifact(tmp_path)
-    assert sorted(p.name for p in out.iterdir()) == [META_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [META_FILE, WEIGHTS_FILE, RUNTIME_FILE]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "model"]
+
+
+def _dvc_hash(folder: Path, repo: Path) -> str:
+    """DVC's md5 of ``folder`` as the register stage's out ``function_app/model`` in a fresh repo ``repo``
+    with the project's .dvcignore (``dvc add`` of a copy there)."""
+    import shutil
+
+    dvc = str(Path(sys.executable).parent / "dvc")
+    repo.mkdir()
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
+    shutil.copytree(folder, repo / "function_app" / "model")
+    for args in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "config", "core.analytics", "false"],
+                 [dvc, "add", "-q", "function_app/model"]):
+        proc = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+    return (repo / "function_app" / "model.dvc").read_text().split("md5: ")[1].split()[0]
+
+
+def test_two_exports_of_one_model_give_the_same_model_json_and_dvc_hash(tmp_path):
+    """What differs on every export (time, run id, speed prior timed here) is in runtime.json, which DVC
+    ignores: the register stage's out has the same hash on every fresh run (the committed dvc.lock)."""
+    ckpt = make_checkpoint(tmp_path / "c.pt", "stacked_conv", channels=8, depth=3)
+    outs = []
+    for name, run_id in (("a", "run-a"), ("b", "run-b")):
+        meta = {"name": "deblur", "version": "3", "alias": "champion", "run_id": run_id, "metrics": {"psnr": 28.1}}
+        outs.append(export_serving_artifact(ckpt, tmp_path / name, meta, tiling=PARAMS.tiling, serving=PARAMS.serving))
+    a, b = outs
+    assert (a / META_FILE).read_bytes() == (b / META_FILE).read_bytes()
+    assert (a / WEIGHTS_FILE).read_bytes() == (b / WEIGHTS_FILE).read_bytes()
+    model_json = json.loads((a / META_FILE).read_text())
+    assert not {"exported_at", "run_id", "speed_prior"} & set(model_json) and model_json["version"] == "3"
+    for out, run_id in ((a, "run-a"), (b, "run-b")):
+        runtime = json.loads((out / RUNTIME_FILE).read_text())
+        assert set(runtime) == {"exported_at", "run_id", "speed_prior"} and runtime["run_id"] == run_id
+        assert runtime["speed_prior"]["torch"]["batch"]["per_pixel"] > 0
+        assert read_artifact_meta(out)["speed_prior"] == runtime["speed_prior"]   # merged back for the service
+    hash_a = _dvc_hash(a, tmp_path / "repo_a")
+    assert hash_a.endswith(".dir") and hash_a == _dvc_hash(b, tmp_path / "repo_b")
+    (a / RUNTIME_FILE).unlink()          # what a `dvc pull` brings: the same out, no runtime.json
+    assert _dvc_hash(a, tmp_path / "repo_pulled") == hash_a
 
 
 def test_missing_or_broken_artifacts_raise_serving_errors(tmp_path):
@@ -176,6 +217,9 @@ def test_function_package_imports_standalone_and_its_handler_deblurs(tmp_path):
     assert report["health"]["model_source"] == str(package / "model")
     assert report["status"] == 200 and report["mimetype"] == "image/png"
     assert report["model_name"] == "deblur-test"
+    # the package ships runtime.json: the worker starts from the prior measured at export
+    assert json.loads((package / "model" / RUNTIME_FILE).read_text())["run_id"] == "run123"
+    assert report["health"]["admission"]["speed"]["prior_source"].startswith("runtime.json speed_prior[torch]")
     assert report["empty"][0] == 400 and report["empty"][1]["error"] == "empty_body"
     assert Image.open(result).size == (64, 48)
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from deblur.artifact.meta import RUNTIME_FILE, read_artifact_meta
 from deblur.service.admission import check_expected_time
 from deblur.service.errors import ApiError
 from deblur.inference.cost_model import (BUILT_IN_PRIOR, PRIOR_KEY, Line, SpeedModel, SpeedPrior, plan_tiles, prior_from_meta)
@@ -125,15 +126,19 @@ def test_the_built_in_prior_bounds_a_fresh_worker_and_names_the_largest_size_tha
     assert 150 < speed.seconds_for(plan(width, height)) <= 200
 
 
-def test_export_measures_a_speed_prior_into_model_json(tmp_path):
+def test_export_measures_a_speed_prior_into_runtime_json(tmp_path):
     model_dir = make_artifact(tmp_path, **SMALL)
-    meta = json.loads((model_dir / "model.json").read_text())
-    measured = meta[PRIOR_KEY]["torch"]
+    assert PRIOR_KEY not in json.loads((model_dir / "model.json").read_text())   # timed here: not the same bytes twice
+    measured = json.loads((model_dir / RUNTIME_FILE).read_text())[PRIOR_KEY]["torch"]
     assert measured["batch"]["per_pixel"] > 0 and measured["size_multiple"] == 1
     assert "measured at export" in measured["source"]
+    meta = read_artifact_meta(model_dir)
     prior = prior_from_meta(meta, "torch")
-    assert prior.source.startswith("model.json speed_prior[torch]") and prior.batch.per_pixel > 0
+    assert prior.source.startswith("runtime.json speed_prior[torch]") and prior.batch.per_pixel > 0
+    assert prior == SpeedPrior.from_json(measured, "runtime.json speed_prior[torch]")
     assert prior_from_meta(meta, "onnx") is BUILT_IN_PRIOR and prior_from_meta({}, "torch") is BUILT_IN_PRIOR
+    (model_dir / RUNTIME_FILE).unlink()             # a `dvc pull`: DVC ignores runtime.json, so it brings none
+    assert prior_from_meta(read_artifact_meta(model_dir), "torch") is BUILT_IN_PRIOR
 
 
 # --- real servers -------------------------------------------------------------------------------
@@ -154,7 +159,7 @@ def test_six_tiny_requests_and_odd_tiling_do_not_lock_out_a_720p_image(tmp_path)
     # a prior measured on a loaded machine does not refuse it; poisoned by 8x8 requests, the old per-request
     # estimate said over 1000 s
     meta = json.loads((model_dir / "model.json").read_text())
-    odd = SpeedModel(prior_from_meta(meta, "torch")).seconds_for(
+    odd = SpeedModel(prior_from_meta(read_artifact_meta(model_dir), "torch")).seconds_for(
         plan_tiles(1280, 720, 64, 31, PARAMS.tiling.batch_size, 1))
     meta["serving"]["max_request_seconds"] = max(10.0, 3 * odd)
     (model_dir / "model.json").write_text(json.dumps(meta))
@@ -176,12 +181,16 @@ def test_the_first_request_of_a_fresh_worker_is_bounded_by_the_prior_measured_at
         assert_error(refused, 413, "image_too_slow", "serving.max_request_seconds")
         speed = health(server)["admission"]["speed"]
         assert speed["batch_seconds"]["observations"] == 0      # refused before a single tile was computed
-        assert speed["prior_source"].startswith("model.json speed_prior[torch]")
-    meta = json.loads((model_dir / "model.json").read_text())
-    del meta[PRIOR_KEY]                      # an artifact exported before speed priors: the built-in one
-    (model_dir / "model.json").write_text(json.dumps(meta))
+        assert speed["prior_source"].startswith("runtime.json speed_prior[torch]")
+        measured = json.loads((model_dir / RUNTIME_FILE).read_text())[PRIOR_KEY]["torch"]
+        assert speed["batch_seconds"]["fixed"] == pytest.approx(measured["batch"]["fixed"])   # the sidecar's numbers
+        assert health(server)["model"]["run_id"] == "run123"                                  # also from runtime.json
+    (model_dir / RUNTIME_FILE).unlink()     # a `dvc pull` of the artifact (DVC ignores runtime.json): the built-in one
     with running_server(model_dir) as server:
-        assert health(server)["admission"]["speed"]["prior_source"].startswith("built-in conservative prior")
+        speed = health(server)["admission"]["speed"]
+        assert speed["prior_source"].startswith("built-in conservative prior")
+        assert speed["batch_seconds"]["fixed"] == pytest.approx(BUILT_IN_PRIOR.batch.fixed)
+        assert health(server)["model"]["run_id"] is None
         assert_error(httpx.post(f"{server.url}/api/deblur", content=huge, timeout=30), 413, "image_too_slow")
 
 
@@ -189,8 +198,8 @@ def test_a_request_the_estimate_got_wrong_stops_at_the_deadline_and_teaches_it(t
     limit = 8
     model_dir = make_artifact(tmp_path, serving={"max_request_seconds": limit, **ROOMY}, **SLOW)
     side = side_for(model_dir, 5 * limit)   # 64-pixel tiles: 5x the limit in a worker here, now
-    meta = json.loads((model_dir / "model.json").read_text())
-    measured = prior_from_meta(meta, "torch")
+    runtime = json.loads((model_dir / RUNTIME_FILE).read_text())
+    measured = prior_from_meta(runtime, "torch")
     plan = plan_tiles(side, side, 64, 0, PARAMS.tiling.batch_size, 1)
     # a prior that estimates the image at 4.5 s: admitted with room to spare for reading it; learning from
     # two of its tile batches (each at most 4x the prediction) takes the estimate over the limit
@@ -198,8 +207,8 @@ def test_a_request_the_estimate_got_wrong_stops_at_the_deadline_and_teaches_it(t
     too_fast = SpeedPrior(batch=Line(measured.batch.fixed / factor, measured.batch.per_pixel / factor),
                           request=Line(measured.request.fixed / factor, measured.request.per_pixel / factor),
                           size_multiple=1, source=f"{factor:.0f}x too fast")
-    meta[PRIOR_KEY] = {"torch": too_fast.to_json()}
-    (model_dir / "model.json").write_text(json.dumps(meta))
+    runtime[PRIOR_KEY] = {"torch": too_fast.to_json()}
+    (model_dir / RUNTIME_FILE).write_text(json.dumps(runtime))
     body = png(side, side)
     batches = len(list(plan.batches()))
     with running_server(model_dir) as server, httpx.Client(base_url=server.url, timeout=600) as client:

@@ -18,6 +18,7 @@ from conftest import PIPELINE_OVERRIDES, ROOT, TRAIN_OVERRIDES, copy_pairs, writ
 import torch
 
 from deblur.tracking import runs as tracking
+from deblur.core.files import sha256_file
 from deblur.models.checkpoint_file import load_checkpoint, save_atomic
 from deblur.core.config import load_params
 from deblur.data.pairs import read_pairs
@@ -156,9 +157,11 @@ def test_dvc_repro_then_every_follow_up_a_user_tries(project, mlflow_uri):
     for r in stage_runs(mlflow_uri):
         latest[r.data.tags["stage"]] = r
     info = json.loads((root / "reports/train_run.json").read_text())
-    assert latest["train"].info.run_id == info["run_id"] and info["last_step"] == 6
-    assert len(mlflow.MlflowClient(mlflow_uri).get_metric_history(info["run_id"], "loss")) == 6
-    assert latest["evaluate"].data.tags["mlflow.parentRunId"] == info["run_id"]
+    assert "run_id" not in info and info["last_step"] == 6
+    train_id = latest["train"].info.run_id
+    assert latest["train"].data.tags["checkpoint_sha256"] == sha256_file(root / "checkpoints/best.pt")
+    assert len(mlflow.MlflowClient(mlflow_uri).get_metric_history(train_id, "loss")) == 6
+    assert latest["evaluate"].data.tags["mlflow.parentRunId"] == train_id
 
     # an architecture that does not fit train.init_from: a clear error naming the checkpoint that does
     wrong = dvc(root, env, "exp", "run", "-S", "model.name=nafnet", "-S", "model.nafnet.width=8",

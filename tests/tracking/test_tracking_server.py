@@ -130,7 +130,10 @@ def test_two_working_copies_share_runs_registry_and_champion_through_the_server(
     assert json.loads((team_a / "function_app/model/model.json").read_text())["version"] == "1"
 
     # artifacts went through the server into its artifact store, none to a local ./mlruns
-    train_run = client.get_run(json.loads((team_a / "reports/train_run.json").read_text())["run_id"])
+    from deblur.core.files import sha256_file
+    from deblur.tracking import runs as tracking
+
+    train_run = client.get_run(tracking.find_train_run(sha256_file(team_a / "checkpoints/best.pt")))
     assert train_run.info.artifact_uri.startswith("mlflow-artifacts:/")
     stored = server.artifacts / train_run.info.experiment_id
     assert list(stored.rglob("MLmodel")) and list(stored.rglob("*.pt")) and list(stored.rglob("ingest_samples.png"))

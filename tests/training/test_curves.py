@@ -14,6 +14,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, TRAIN_OVERRIDES, write_params
+from deblur.core.files import sha256_file
+from deblur.tracking import runs as tracking
 from deblur.training.curves import TRAIN_FIELDS, VAL_FIELDS, write_curve, write_val_curve
 
 
@@ -44,6 +46,8 @@ def test_validations_get_their_own_csv_with_every_cell_filled(tmp_path):
     assert [int(r["step"]) for r in val] == [3, 6]                      # one row per validation
     assert [float(r["val_psnr"]) for r in val] == [23.0, 26.0]
     assert all(value != "" for rows in (train, val) for row in rows for value in row.values())
+    # CPU time differs on every run: out of the DVC outputs (a fresh run must write the committed dvc.lock)
+    assert "cpu_hours" not in train[0] and "cpu_hours" not in val[0]
 
 
 def test_a_run_without_validation_yet_writes_a_header_only_val_curve(tmp_path):
@@ -68,7 +72,8 @@ def test_train_stage_writes_one_val_curve_row_per_validation(tmp_path, pairs_dir
     val = _rows(tmp_path / "reports" / "val_curve.csv")
     assert [int(r["step"]) for r in val] == [3, 6]
     assert all(value != "" for row in val for value in row.values())
-    run_id = json.loads((tmp_path / "run.json").read_text())["run_id"]
+    assert "run_id" not in json.loads((tmp_path / "run.json").read_text())   # a DVC output: the same on every run
+    run_id = tracking.find_train_run(sha256_file(tmp_path / "ck" / "best.pt"))   # the run, by its checkpoint
     logged = mlflow.MlflowClient(mlflow_uri).get_metric_history(run_id, "val_psnr")
     assert [float(r["val_psnr"]) for r in val] == pytest.approx([m.value for m in logged])
     assert all(float(r["val_psnr"]) > 0 and float(r["val_input_psnr"]) > 0 for r in val)

@@ -183,12 +183,13 @@ def test_gpu_pretrain_script_dry_run_on_cpu(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())   # what $OUT brings back
     run = json.loads((out / "run.json").read_text())
-    assert run["run_id"] == json.loads((out / "train_run.json").read_text())["run_id"]
+    assert "run_id" not in json.loads((out / "train_run.json").read_text())   # a DVC output: the run is found by its checkpoint
     assert run["tags"]["stage"] == "train" and [s for s, _, _ in run["metrics"]["loss"]] == [1, 2, 3, 4]
     assert (out / "curve.csv").read_text().startswith("step,loss")
     best = b"".join(p.read_bytes() for p in sorted(out.glob("best.pt.[0-9]*")))
     assert best == (work / "state" / "checkpoints" / "best.pt").read_bytes()
     assert (out / "best.pt.sha256").read_text().split()[0] == hashlib.sha256(best).hexdigest()
+    assert run["tags"]["checkpoint_sha256"] == hashlib.sha256(best).hexdigest()   # the run that wrote best.pt
     assert load_checkpoint(work / "state" / "checkpoints" / "last.pt", trusted=True)["step"] == 4
     assert json.loads((work / "smoke" / "run.json").read_text())["run_id"] != run["run_id"]
     assert "train.log" in files

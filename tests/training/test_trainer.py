@@ -15,6 +15,7 @@ import torch
 
 from conftest import ROOT, TRAIN_OVERRIDES, params_with, write_params
 from deblur.tracking import runs as tracking
+from deblur.core.files import sha256_file
 from deblur.models.checkpoint_file import load_checkpoint, save_atomic
 from deblur.core.config import load_params
 from deblur.data.ingest import run_ingest
@@ -33,14 +34,16 @@ def test_train_stage_writes_checkpoints_curve_and_mlflow_run(tmp_path, pairs_dir
 
     assert (tmp_path / "ck" / "best.pt").is_file() and (tmp_path / "ck" / "last.pt").is_file()
     assert load_checkpoint(tmp_path / "ck" / "last.pt", trusted=True)["step"] == 6
-    assert json.loads((tmp_path / "run.json").read_text())["run_id"] == info["run_id"]
+    written = json.loads((tmp_path / "run.json").read_text())
+    assert "run_id" not in written and written["checkpoint"] == str(tmp_path / "ck" / "best.pt")   # a DVC output
     rows = (tmp_path / "curve.csv").read_text().splitlines()
-    assert rows[0].startswith("step,loss") and len(rows) == 1 + 6
-    cpu_hours = [float(r.split(",")[-1]) for r in rows[1:]]
-    assert 0 < cpu_hours[0] <= cpu_hours[-1] < 1            # process CPU time, growing step by step
+    assert rows[0] == "step,loss,lr,grad_norm" and len(rows) == 1 + 6    # no CPU time: the same bytes every run
 
     client = mlflow.MlflowClient(mlflow_uri)
     run = client.get_run(info["run_id"])
+    assert run.data.tags["checkpoint_sha256"] == sha256_file(tmp_path / "ck" / "best.pt")   # how evaluate finds it
+    cpu_hours = [m.value for m in client.get_metric_history(info["run_id"], "cpu_hours")]
+    assert len(cpu_hours) == 6 and 0 < cpu_hours[0] <= cpu_hours[-1] < 1   # process CPU time, growing step by step
     assert run.data.params["train.lr"] == str(params_with().train.lr)
     assert run.data.params["model.name"] == "stacked_conv"
     for tag in ("git_commit", "data_hash", "device", "torch_version", "params_digest", "pipeline_id"):
@@ -255,7 +258,8 @@ def test_two_process_ddp_on_cpu(tmp_path, pairs_dir, mlflow_uri):
     client = mlflow.MlflowClient(mlflow_uri)
     experiment = client.get_experiment_by_name("deblur")
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'train'")
-    assert [r.info.run_id for r in runs] == [info["run_id"]]   # only rank 0 logged
+    assert "run_id" not in info   # a DVC output: the run is found by its checkpoint's hash
+    assert len(runs) == 1 and runs[0].data.tags["checkpoint_sha256"] == sha256_file(tmp_path / "ck" / "best.pt")   # only rank 0 logged
     assert runs[0].data.tags["world_size"] == "2"
     assert load_checkpoint(tmp_path / "ck" / "last.pt", trusted=True)["step"] == 6
 
@@ -290,5 +294,26 @@ def test_sigterm_saves_last_checkpoint_and_the_same_command_resumes(tmp_path, pa
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {tmp_path / 'ck' / 'last.pt'} at step {stopped_at}" in resumed.stdout
     assert load_checkpoint(tmp_path / "ck" / "last.pt", trusted=True)["step"] == 40
-    info = json.loads((tmp_path / "run.json").read_text())
-    assert client.get_run(info["run_id"]).data.tags["resumed"] == "True"
+    run_id = tracking.find_train_run(sha256_file(tmp_path / "ck" / "best.pt"))   # run.json holds no run id
+    assert client.get_run(run_id).data.tags["resumed"] == "True"
+
+
+def test_two_runs_of_the_same_inputs_write_the_same_bytes_dvc_records(tmp_path, pairs_dir, mlflow_uri):
+    """best.pt, the curves and train_run.json are DVC outputs: the same inputs must give the same bytes, or a
+    fresh `make demo` writes another dvc.lock than the committed one (no run id, no CPU time, and no random
+    temporary file name inside best.pt's zip archive)."""
+    params_file = write_params(tmp_path / "params.yaml", TRAIN_OVERRIDES)
+    outs = {}
+    for name in ("a", "b"):
+        root = tmp_path / name
+        outs[name] = run_train(params_file, pairs_dir, root / "ck", root / "curve.csv", root / "run.json")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert outs["a"]["run_id"] != outs["b"]["run_id"]
+    for rel in ("ck/best.pt", "curve.csv", "val_curve.csv"):
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    info_a, info_b = (json.loads((root / "run.json").read_text()) for root in (a, b))
+    assert {**info_a, "checkpoint": None} == {**info_b, "checkpoint": None}
+    client = mlflow.MlflowClient(mlflow_uri)
+    # the same weights, so the same tag: evaluate nests under the newest of the two
+    assert client.get_run(outs["b"]["run_id"]).data.tags["checkpoint_sha256"] == sha256_file(a / "ck" / "best.pt")
+    assert tracking.find_train_run(sha256_file(a / "ck" / "best.pt")) == outs["b"]["run_id"]

@@ -1,9 +1,9 @@
 """Writing a serving artifact: ``model.pt`` from a checkpoint, ``model.onnx`` beside it when asked,
-``model.json`` with the speed prior measured here; swapped in atomically."""
+``model.json`` and ``runtime.json`` (the speed prior measured here, the export time, the run id:
+deblur.artifact.meta.RUNTIME_FIELDS); swapped in atomically."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deblur.artifact.meta import FORMAT_VERSION, META_FILE, WEIGHTS_FILE
+from deblur.artifact.meta import FORMAT_VERSION, WEIGHTS_FILE, write_artifact_meta
 from deblur.artifact.onnx_model import ONNX_FILE, export_onnx, exportable, served_onnx_model
 from deblur.artifact.torch_model import ServingModel, model_or_serving_error
 from deblur.core.config import KernelAwareConfig, ServingConfig, TilingConfig
@@ -33,11 +33,14 @@ def export_serving_artifact(
     onnx: bool | None = None,
     kernel_aware: KernelAwareConfig | None = None,
 ) -> Path:
-    """Write ``out_dir/model.pt`` and ``out_dir/model.json`` from a checkpoint; replaces ``out_dir`` whole.
+    """Write ``out_dir/model.pt``, ``out_dir/model.json`` and ``out_dir/runtime.json`` from a checkpoint;
+    replaces ``out_dir`` whole.
 
     ``meta`` is free-form JSON (``name`` or ``model_name``, version, alias, run_id, metrics,
     ...); the keys this function writes itself (format_version, architecture, tiling,
-    serving, ...) win. ``onnx`` (default: ``serving.runtime == "onnx"``) also writes
+    serving, ...) win. What differs on every export (``exported_at``, ``run_id``, ``speed_prior``,
+    ``onnx.export_seconds``) goes to runtime.json, so the same model gives the same model.json
+    (deblur.artifact.meta). ``onnx`` (default: ``serving.runtime == "onnx"``) also writes
     ``model.onnx`` (deblur.artifact.onnx_model) for the architectures that have an ONNX form.
     ``kernel_aware`` (params.yaml's section) gives the thorough mode's settings and the default mode.
     """
@@ -73,7 +76,7 @@ def export_serving_artifact(
         }
         if serving.runtime == "onnx" if onnx is None else onnx:
             add_onnx_model(staging, full_meta, tiling, serving)
-        (staging / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n")
+        write_artifact_meta(staging, full_meta)
     return out_dir
 
 

@@ -36,7 +36,8 @@ def sha256_file(path: str | Path, chunk: int = CHUNK) -> str:
 def write_atomically(path: str | Path, writer: Callable[[Path], object]) -> None:
     """Call ``writer(tmp)`` to write a temporary sibling of ``path``, then rename it to ``path``
     (mode 0644; parent folders are made). On any error the temporary file is removed and
-    ``path`` is left as it was. ``torch.save`` uses it as ``write_atomically(path, lambda t: torch.save(obj, t))``."""
+    ``path`` is left as it was. ``deblur.models.checkpoint_file.save_atomic`` uses it for ``torch.save``
+    (through a file object: given the temporary name, torch would write that random name into the archive)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -7,7 +7,7 @@ A request costs the sum of its tile batches plus what happens around them::
 
 Each line is fitted by weighted least squares on its own observations: every tile batch
 (``deblur.inference.tiling``'s ``on_batch``) for the first, every finished request for the second.
-A prior (measured at export and stored in ``model.json``, else a conservative built-in one)
+A prior (measured at export and stored in the artifact's ``runtime.json``, else a conservative built-in one)
 enters as pseudo-observations, old observations fade, and each observation is clipped to
 a factor of the current prediction, so a few tiny or unusual requests cannot move it far.
 The tile plan of a request (tile count and padded tile size on the model's grid) comes from the
@@ -25,7 +25,7 @@ import numpy as np
 
 from deblur.core.tile_grid import TileGrid, round_up
 
-PRIOR_KEY = "speed_prior"   # model.json: {runtime: SpeedPrior.to_json()}
+PRIOR_KEY = "speed_prior"   # runtime.json (deblur.artifact.meta): {runtime: SpeedPrior.to_json()}
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,14 @@ class SpeedPrior:
 # Without a measured prior: about 10 s per megapixel (NAFNet-16 on 2 cores took 8.7 s/MP),
 # so a fresh worker refuses a 40 MP image at a 200 s limit instead of running it for minutes.
 BUILT_IN_PRIOR = SpeedPrior(batch=Line(0.05, 1.0e-5), request=Line(0.05, 3.0e-7), size_multiple=16,
-                            source="built-in conservative prior (the serving artifact has no speed_prior)")
+                            source="built-in conservative prior (the serving artifact has no runtime.json speed_prior)")
 
 
 def prior_from_meta(meta: dict | None, runtime: str) -> SpeedPrior:
-    """The artifact's measured prior for ``runtime``, else ``BUILT_IN_PRIOR``."""
+    """The artifact's measured prior for ``runtime`` (``meta``: model.json with runtime.json merged in,
+    deblur.artifact.meta.read_artifact_meta), else ``BUILT_IN_PRIOR`` (e.g. a ``dvc pull``, which brings no runtime.json)."""
     try:
-        return SpeedPrior.from_json(meta[PRIOR_KEY][runtime], f"model.json speed_prior[{runtime}]")
+        return SpeedPrior.from_json(meta[PRIOR_KEY][runtime], f"runtime.json speed_prior[{runtime}]")
     except (KeyError, TypeError, ValueError):
         return BUILT_IN_PRIOR
 

@@ -29,8 +29,16 @@ from deblur.models import official
 
 
 def save_atomic(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save to a temp file in the same folder, then rename: never a half-written file.
+
+    Saved through a file object: torch names the zip archive inside after the file it is given by
+    name, which here is a random temporary name, so the same checkpoint came out as different bytes
+    (and a different DVC hash) on every run; through a file object the name is always ``archive``."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    write_atomically(path, write)
 
 
 def upgrade_model_config(raw: dict) -> dict:

@@ -29,6 +29,13 @@ def load_run_info(path: Path) -> dict:
         raise FileNotFoundError(f"{path}: no training run info; run the train stage first") from err
 
 
+def train_run_id(info: dict, stage: str) -> str | None:
+    """The MLflow run ``stage`` nests under: ``run_id`` when the run info names one (an import's run.json,
+    written outside DVC), else the train run tagged with the sha256 of ``info["checkpoint"]``
+    (``reports/train_run.json`` holds no run id); None when this store has none (a warning says so)."""
+    return info.get("run_id") or tracking.train_run_of_checkpoint(info["checkpoint"], stage)
+
+
 def evaluation_inputs(pairs_dir: Path, cfg: EvaluateConfig) -> tuple[list, list[Path]]:
     """Test pairs (capped by evaluate.max_images) and unblurred photos for the sharp-in check.
 
@@ -103,13 +110,16 @@ def run_evaluate(params_path: Path, run_info_path: Path, pairs_dir: Path, metric
             write_png(triptych_dir / f"{r.id}_{r.blur_type}.png", sheet)
 
     flat = flat_test_metrics(summary)
-    with tracking.stage_run("evaluate", params, sections=STAGES["evaluate"].params, parent_run_id=info["run_id"],
-                            tags={"data_hash": info["data_hash"], "train_run_id": info["run_id"],
-                                  "lpips": summary["lpips"]["status"]}):
+    train_run = train_run_id(info, "evaluate")
+    tags = {"data_hash": info["data_hash"], "lpips": summary["lpips"]["status"],
+            **({"train_run_id": train_run} if train_run else {})}
+    with tracking.stage_run("evaluate", params, sections=STAGES["evaluate"].params, parent_run_id=train_run,
+                            tags=tags):
         tracking.log_metrics(flat)
         for path in (metrics_path, per_image_path, per_blur_path, sharp_in_path):
             tracking.log_artifact(path, "evaluation")
         tracking.log_artifact(triptych_dir, "evaluation/triptychs")
         tracking.log_figure(per_blur_figure(summary), "evaluation/psnr_per_blur_type.png")
-    tracking.log_metrics_to_run(info["run_id"], flat)   # one row per train run in mlflow ui: params beside test scores
+    if train_run:   # one row per train run in mlflow ui: params beside test scores
+        tracking.log_metrics_to_run(train_run, flat)
     return summary

@@ -22,7 +22,7 @@ from deblur.evaluation.scoring import evaluate_model
 from deblur.models.build import model_from_checkpoint
 from deblur.models.checkpoint_file import load_checkpoint
 from deblur.models.diffusion.controlnet_sd import registry_extras
-from deblur.stages.evaluate import evaluation_inputs, load_run_info, read_sharp_in_csv
+from deblur.stages.evaluate import evaluation_inputs, load_run_info, read_sharp_in_csv, train_run_id
 from deblur.tracking import models_uri  # noqa: F401  (a diffusion predictor may be a models:/ URI)
 from deblur.tracking import runs as tracking
 from deblur.tracking.lora_pyfunc import log_adapter_model
@@ -95,8 +95,10 @@ def gather_evidence(params: Params, per_image_path: Path, sharp_in_path: Path, p
     return evidence
 
 
-def record_in_registry(params: Params, info: dict, decision: Decision, evidence: Evidence) -> str:
-    """Log the model (checkpoint + tiling) in the active run, register it, set aliases and reasons.
+def record_in_registry(params: Params, info: dict, decision: Decision, evidence: Evidence,
+                       train_run: str | None = None) -> str:
+    """Log the model (checkpoint + tiling) in the active run, register it, set aliases and reasons;
+    ``train_run``: the train run's id for the version's ``train_run_id`` tag (None: no such tag).
 
     A LoRA run (its checkpoint has a ``lora`` entry) logs only the adapter; the version's tags
     link its base (``base_model_uri``, ``base_model_version``)."""
@@ -113,9 +115,11 @@ def record_in_registry(params: Params, info: dict, decision: Decision, evidence:
         model_uri = log_deblur_model(info["checkpoint"], params.tiling, max_pixels=params.serving.max_pixels,
                                      kernel_aware=params.kernel_aware)
     tags = {"git_commit": tracking.git_commit(), "data_hash": info["data_hash"], "params_digest": info["params_digest"],
-            "train_run_id": info["run_id"], "test_psnr": round(sum(evidence.challenger.psnr) / len(evidence.challenger.psnr), 4),
+            "test_psnr": round(sum(evidence.challenger.psnr) / len(evidence.challenger.psnr), 4),
             "test_input_psnr": round(sum(evidence.input.psnr) / len(evidence.input.psnr), 4),
             "sharp_in_min_psnr": min(evidence.sharp_in) if evidence.sharp_in else None}
+    if train_run:
+        tags["train_run_id"] = train_run
     if info.get("dvc_experiment"):
         tags["dvc_experiment"] = info["dvc_experiment"]
     tags.update(info.get("version_tags", {}))
@@ -142,11 +146,12 @@ def record_in_registry(params: Params, info: dict, decision: Decision, evidence:
 
 
 def export_champion(params: Params, info: dict, decision: Decision, version: str, evidence: Evidence,
-                    serving_dir: Path) -> str | None:
-    """Export the serving artifact of the champion after this decision; returns its version (None: no champion)."""
+                    serving_dir: Path, train_run: str | None = None) -> str | None:
+    """Export the serving artifact of the champion after this decision; returns its version (None: no champion).
+    The served model's train run id goes to the artifact's runtime.json (deblur.artifact.meta), not model.json."""
     name = params.registration.model_name
     if decision.promote:
-        checkpoint, served, run_id, psnr = Path(info["checkpoint"]), version, info["run_id"], evidence.challenger.psnr
+        checkpoint, served, run_id, psnr = Path(info["checkpoint"]), version, train_run, evidence.challenger.psnr
     elif evidence.champion_checkpoint is not None:
         champion = evidence.champion_version
         checkpoint, served = evidence.champion_checkpoint, str(champion.version)
@@ -179,10 +184,11 @@ def run_register(params_path: Path, run_info_path: Path, per_image_path: Path, s
         decision = decide(evidence.challenger, evidence.input, evidence.sharp_in, evidence.champion, evidence.init_from,
                           params.registration, champion_label=f"champion v{champion.version}" if champion else "champion",
                           init_label=evidence.init_label or f"train.init_from {evidence.init_from_path}", seed=params.seed)
-        with tracking.stage_run("register", params, sections=STAGES["register"].params, parent_run_id=info["run_id"],
-                                tags={"data_hash": info["data_hash"], "train_run_id": info["run_id"]}):
-            version = record_in_registry(params, info, decision, evidence)
-            served = export_champion(params, info, decision, version, evidence, serving_dir)
+        train_run = train_run_id(info, "register")
+        with tracking.stage_run("register", params, sections=STAGES["register"].params, parent_run_id=train_run,
+                                tags={"data_hash": info["data_hash"], **({"train_run_id": train_run} if train_run else {})}):
+            version = record_in_registry(params, info, decision, evidence, train_run)
+            served = export_champion(params, info, decision, version, evidence, serving_dir, train_run)
             n = len(evidence.challenger.psnr)
             record = {
                 "model_name": name, "version": version, "promoted": decision.promote, "reason": decision.reason,

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from deblur.tracking import models_uri  # noqa: F401  (a diffusion predictor may be a models:/ URI)
 from deblur.tracking import runs as tracking
 from deblur.core.config import load_params
+from deblur.core.files import sha256_file
 from deblur.data.pairs import read_pairs
 from deblur.core.stage_spec import STAGES
 from deblur.training.curves import curve_figure, write_curve, write_val_curve
@@ -23,7 +24,11 @@ from deblur.training.trainer import Trainer
 def run_train(params_path: Path, pairs_dir: Path, checkpoint_dir: Path, curve_path: Path, run_info_path: Path,
               resume_from: Path | None = None, val_curve_path: Path | None = None) -> dict:
     """Train, log the run to MLflow and write the curves (``val_curve_path``: by default ``val_curve.csv``
-    beside ``curve_path``) and the run info JSON the evaluate stage reads."""
+    beside ``curve_path``) and the run info JSON the evaluate stage reads.
+
+    The run info JSON (a DVC output) holds only what the same inputs reproduce: no MLflow run id.
+    The run is tagged with the sha256 of ``best.pt`` instead (``tracking.CHECKPOINT_TAG``), by which
+    evaluate and register find it; the returned dict adds ``run_id``."""
     val_curve_path = Path(val_curve_path) if val_curve_path else Path(curve_path).parent / "val_curve.csv"
     params = load_params(params_path)
     dist_info = init_distributed()
@@ -57,14 +62,15 @@ def run_train(params_path: Path, pairs_dir: Path, checkpoint_dir: Path, curve_pa
         tracking.log_artifact(val_curve_path, "plots")
         tracking.log_figure(curve_figure(result.history), "plots/training_curve.png")
         tracking.log_artifact(trainer.best_path, "checkpoints")
+        tracking.set_tags({tracking.CHECKPOINT_TAG: sha256_file(trainer.best_path)})   # how evaluate finds this run
         tracking.log_metrics({"best_val_psnr": result.best_psnr, "best_step": result.best_step,
                               "stopped_early": float(result.stopped_early)})
-        info = {"run_id": run_id, "checkpoint": str(trainer.best_path), "best_val_psnr": result.best_psnr,
+        info = {"checkpoint": str(trainer.best_path), "best_val_psnr": result.best_psnr,
                 "best_step": result.best_step, "last_step": result.last_step, "data_hash": data_hash,
                 "params_digest": params.digest(), "dvc_experiment": experiment}
     tracking.dump_json(info, run_info_path)
     _close_distributed(dist_info)
-    return info
+    return {**info, "run_id": run_id}
 
 
 def pairs_manifest(pairs_dir: Path) -> list[dict]:

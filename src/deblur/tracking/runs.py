@@ -5,6 +5,11 @@ directory (artifacts then go to ``./mlruns``). Every stage opens its run through
 ``stage_run`` so runs carry the same tags: ``stage``, ``pipeline_id`` (shared by the runs of
 one ``dvc repro``), ``git_commit``, ``params_digest``.
 
+A train run is tagged ``checkpoint_sha256`` (the sha256 of the ``best.pt`` it wrote);
+evaluate and register find their train run by that tag (``train_run_of_checkpoint``), so no
+run id has to be written into a DVC output (``reports/train_run.json`` stays the same bytes on
+every fresh run of the same inputs).
+
 mlflow (and pandas, which it needs) is imported on first use, inside the functions below: it takes
 2-4 s, and stages that only need a helper of this module (``files_digest``, ``dump_json``) stay fast.
 """
@@ -16,6 +21,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from deblur.core.config import Params
-from deblur.core.files import atomic_write_text, update_from_file
+from deblur.core.files import atomic_write_text, sha256_file, update_from_file
 from deblur.core.stage_spec import DEFAULT_MODEL_DIR, logged_param
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -129,6 +135,42 @@ def log_metrics_to_run(run_id: str, metrics: dict[str, float]) -> None:
     client = _mlflow().MlflowClient()
     for i in range(0, len(batch), 1000):
         client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+
+# Tag of a train run: the sha256 of the best.pt it wrote (also a model version tag of imported checkpoints).
+CHECKPOINT_TAG = "checkpoint_sha256"
+
+
+def find_train_run(checkpoint_sha256: str) -> str | None:
+    """The newest FINISHED run tagged ``stage=train`` and ``checkpoint_sha256`` in any active experiment of
+    this store (``mlflow run --experiment-name`` may have chosen another than params.yaml's); None when none is."""
+    mlflow = _mlflow()
+    from mlflow.entities import ViewType   # lazy: mlflow
+
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not experiments:
+        return None
+    found = client.search_runs(experiments, filter_string=f"tags.stage = 'train' and tags.{CHECKPOINT_TAG} = "
+                                                          f"'{checkpoint_sha256}' and attributes.status = 'FINISHED'",
+                               run_view_type=ViewType.ACTIVE_ONLY, order_by=["attributes.start_time DESC"],
+                               max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def train_run_of_checkpoint(checkpoint: str | Path, stage: str) -> str | None:
+    """The train run that wrote ``checkpoint`` (``find_train_run`` of its sha256), for ``stage`` to nest under.
+
+    None, with one warning line on stderr naming the hash and the tracking URI, when this store has no
+    such run (a ``dvc pull`` of another store's outputs, a deleted run): the stage then logs without a
+    parent and without a ``train_run_id`` tag rather than failing or linking to a wrong run."""
+    sha = sha256_file(checkpoint)
+    run_id = find_train_run(sha)
+    if run_id is None:
+        print(f"warning: {stage}: no FINISHED train run in {tracking_uri()} is tagged {CHECKPOINT_TAG}={sha} "
+              f"(the sha256 of {checkpoint}); the {stage} run is logged without a parent train run and without "
+              "a train_run_id tag", file=sys.stderr, flush=True)
+    return run_id
 
 
 def end_active_run(status: str) -> None:

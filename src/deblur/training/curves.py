@@ -3,7 +3,9 @@
 A history entry is a logged step (``loss``, ``lr``, ``grad_norm``, ``cpu_hours``) or a
 validation (``val_psnr``, ``val_ssim``, ``val_input_psnr``, ``cpu_hours``); both can share a
 step. Logged steps go to the training curve (``reports/train_curve.csv``), validations to the
-validation curve (``reports/val_curve.csv``).
+validation curve (``reports/val_curve.csv``). ``cpu_hours`` stays out of both: they are DVC
+outputs, and CPU time differs on every run, so a fresh run of the same inputs would write other
+bytes than the committed ``dvc.lock`` records (it is in the MLflow metrics and in ``last.pt``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import csv
 from pathlib import Path
 
 
-TRAIN_FIELDS = ("step", "loss", "lr", "grad_norm", "cpu_hours")
-VAL_FIELDS = ("step", "val_psnr", "val_input_psnr", "val_ssim", "cpu_hours")
+TRAIN_FIELDS = ("step", "loss", "lr", "grad_norm")
+VAL_FIELDS = ("step", "val_psnr", "val_input_psnr", "val_ssim")
 
 
 def write_curve(history: list[dict], path: Path) -> None:
