@@ -97,7 +97,7 @@ def bucket_table(rows: list[dict]) -> dict:
         out[label] = {
             "n": len(sel),
             "input_psnr": round(float(np.mean([r["psnr"]["input"] for r in sel])), 3),
-            **{f"{c}_gain": round(float(np.nanmean(gain(c))), 3) for c in CANDIDATES if c != "input"},
+            **{f"{c}_gain": round(float(np.nanmean(gain(c))), 3) for c in (*CANDIDATES, "deconvolved") if c != "input"},
             "thorough_gain": round(float(np.mean(gain("thorough"))), 3),
             "thorough_worst": round(float(np.min(gain("thorough"))), 3),
             "thorough_below_input_0_5db": int(np.sum(np.array(gain("thorough")) < -0.5)),
@@ -194,14 +194,17 @@ def kernel_picture(rows: list[dict], path: Path, count: int = 12) -> None:
 def markdown(meta: dict, table: dict, speed: dict | None) -> str:
     lines = [f"Thorough mode vs fast mode per camera-shake bucket ({meta['photos']} photos, {meta['when']}, "
              f"checkpoint {meta['checkpoint']}). Gains in dB over the blurred input (mean); oracle = best "
-             "candidate per photo (needs the sharp image); true PSF = non-blind ceiling.", "",
-             "| bucket | n | input dB | fast (network) | net 1/2 | net 1/4 | kernel (blind) | **thorough** | worst | "
-             "< -0.5 dB | oracle | true PSF | NCC median | NCC >= 0.8 | error ratio median | chosen |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "candidate per photo (needs the sharp image); true PSF = non-blind ceiling; deconvolution = with the "
+             "blindly estimated PSF alone; kernel result = that deconvolution blended with the network at 1/2 scale "
+             f"(kernel_weight {meta['settings'].get('kernel_weight', 1.0)}). Kernels and noise: seed {meta['seed']}.", "",
+             "| bucket | n | input dB | fast (network) | net 1/2 | net 1/4 | deconvolution (blind) | kernel result | "
+             "**thorough** | worst | < -0.5 dB | oracle | true PSF | NCC median | NCC >= 0.8 | error ratio median | chosen |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, t in table.items():
         chosen = ", ".join(f"{k} {v}" for k, v in t["chosen"].items() if v)
         lines.append(f"| {label} | {t['n']} | {t['input_psnr']:.2f} | {t['network_gain']:+.2f} | "
-                     f"{t['network_half_gain']:+.2f} | {t['network_quarter_gain']:+.2f} | {t['kernel_gain']:+.2f} | "
+                     f"{t['network_half_gain']:+.2f} | {t['network_quarter_gain']:+.2f} | "
+                     f"{t.get('deconvolved_gain', t['kernel_gain']):+.2f} | {t['kernel_gain']:+.2f} | "
                      f"**{t['thorough_gain']:+.2f}** | {t['thorough_worst']:+.2f} | {t['thorough_below_input_0_5db']} | "
                      f"{t['oracle_gain']:+.2f} | {t['true_psf_gain']:+.2f} | {t['ncc_median']:.2f} | "
                      f"{t['ncc_share_0_8']:.0%} | {t['error_ratio_median'] if t['error_ratio_median'] is not None else '-'} | "
@@ -294,7 +297,9 @@ def main() -> int:
     table = bucket_table(rows)
     meta = {"photos": len(photos), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "checkpoint": Path(args.checkpoint).name, "seed": seed, "crop": args.crop, "settings": cfg.model_dump()}
-    name = "kernel_selector_calibration" if args.calibrate else "kernel_aware"
+    # another seed (fresh kernels on the same photos) goes to its own file beside the default's
+    name = "kernel_selector_calibration" if args.calibrate else \
+        "kernel_aware" if args.seed == parser.get_default("seed") else f"kernel_aware_seed{args.seed}"
     out = {"meta": meta, "buckets": table, "rows": [{k: v for k, v in r.items() if "kernel" not in k} for r in rows]}
     if args.calibrate:
         out["thresholds"] = calibrate(rows, cfg)
@@ -305,7 +310,7 @@ def main() -> int:
     text = markdown(meta, table, speed)
     if args.calibrate:
         text += calibration_markdown(out["thresholds"])
-    else:
+    elif name == "kernel_aware":
         kernel_picture(rows, IMG / "kernel_aware_kernels.png")
     (RESULTS / f"{name}.md").write_text(text)
     print(text)

@@ -52,14 +52,44 @@ def test_thorough_mode_estimates_the_shake_and_deconvolves_it(astronaut):
     blurred, kernel = shaken(astronaut, seed=3)
     result, made = restore_thorough(blurred, identity, CFG, all_candidates=True)
     assert result.chosen == "kernel", result.evidence
-    gain = psnr(result.image, astronaut) - psnr(blurred, astronaut)
+    gain = psnr(made["deconvolved"], astronaut) - psnr(blurred, astronaut)
     assert gain >= 3.0, (gain, result.evidence)
+    assert psnr(result.image, astronaut) > psnr(blurred, astronaut) + 1.0   # the hedge keeps most of it
     assert result.psf is not None and result.psf.shape[0] % 2 == 1 and abs(result.psf.sum() - 1) < 1e-5
-    assert set(made) == {"kernel", "network", "network_half", "network_quarter", "input"}
+    assert set(made) == {"kernel", "deconvolved", "network", "network_half", "network_quarter", "input"}
     # registered to the input: no integer shift of the output scores better
     shifts = {(dy, dx): psnr(np.roll(result.image, (dy, dx), axis=(0, 1))[8:-8, 8:-8], astronaut[8:-8, 8:-8])
               for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
     assert max(shifts, key=shifts.get) == (0, 0), shifts
+
+
+def test_the_kernel_result_is_the_deconvolution_hedged_with_the_half_scale_network(astronaut):
+    blurred, _ = shaken(astronaut, seed=3)
+    darker = lambda rgb: (rgb // 2).astype(np.uint8)   # a network whose share is easy to see  # noqa: E731
+    result, made = restore_thorough(blurred, darker, CFG)
+    assert CFG.kernel_weight == 0.7 and result.chosen == "kernel"
+    assert result.evidence["blend"] == {"kernel_weight": 0.7, "with": "network_half"}
+    assert "blended with the network_half result (0.7 kernel)" in result.evidence["reason"]
+    expected = 0.7 * made["deconvolved"].astype(np.float32) + 0.3 * network_at_scale(blurred, darker, 2).astype(np.float32)
+    assert np.array_equal(result.image, np.clip(np.round(expected), 0, 255).astype(np.uint8))
+
+    alone, made = restore_thorough(blurred, darker, CFG.model_copy(update={"kernel_weight": 1.0}))
+    assert "deconvolved" not in made and "blend" not in alone.evidence
+    assert np.array_equal(alone.image, made["kernel"])
+    assert alone.image.mean() - result.image.mean() > 10   # the half-dark network's 0.3 share is in the blend
+
+
+def test_kernel_weight_is_validated_and_old_settings_mean_the_deconvolution_alone():
+    from pydantic import ValidationError
+
+    from deblur.core.config import KernelAwareConfig
+
+    settings = CFG.model_dump()
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValidationError, match="kernel_weight"):
+            KernelAwareConfig.model_validate({**settings, "kernel_weight": bad})
+    del settings["kernel_weight"]   # an artifact logged before the setting existed
+    assert KernelAwareConfig.model_validate(settings).kernel_weight == 1.0
 
 
 def test_a_sharp_photo_is_left_to_the_network(astronaut):

@@ -410,6 +410,9 @@ class KernelAwareConfig(_Strict):
     half_scale_from: int = Field(ge=1)
     quarter_scale_from: int = Field(ge=1)
     min_side: int = Field(ge=32)
+    # share of the deconvolution in the kernel result, the rest the network at 1/2 scale (deblur.psf.restore);
+    # 1.0: the deconvolution alone, as artifacts exported before this setting serve
+    kernel_weight: float = Field(default=1.0, gt=0.0, le=1.0)
 
     @field_validator("max_kernel_size")
     @classmethod

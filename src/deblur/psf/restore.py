@@ -12,6 +12,9 @@ agree and the kernel explains the blurred crop), not near-delta, and its deconvo
 with ``min_network_agreement`` set (off by default: documentation/kernel_aware.md), also only when its
 correction (result - input) correlates with the network's at full and 1/2 scale (``deblur.psf.checks``).
 Otherwise the network at the scale that fits the estimated blur size.
+The kernel result is a hedge (``hedge_kernel``): ``kernel_weight`` of the deconvolution plus the rest
+of the network at 1/2 scale. Averaging two estimates whose errors differ cost nothing on average in
+calibration and cut the photos left more than 0.5 dB below their input from 10 to 5 of 78.
 Thresholds live in ``params.yaml`` ``kernel_aware`` and were calibrated on synthetic camera shake of
 training photos, disjoint from the held-out ones (``bench/bench_kernel_aware.py --calibrate``).
 """
@@ -37,6 +40,7 @@ SCALE_OF = {"network": 1, "network_half": 2, "network_quarter": 4}
 MIN_SCALED_SIDE = 32   # a coarse scale is skipped when the photo would be smaller than this
 CHECK_REFERENCES = ("network", "network_half")   # network candidates the kernel result must agree with (choose)
 CHECK_SIDE = 512       # px: the checks look at the central square of this side (calibrated on 512 px photos)
+HEDGE_REFERENCE = "network_half"   # what the deconvolution is blended with (kernel_weight)
 
 
 @dataclass
@@ -146,12 +150,29 @@ def restore_thorough(rgb: np.ndarray, network: Network, cfg: KernelAwareConfig, 
         checks = check_kernel_result(rgb, made, estimate.kernel, network, seconds)
         seconds["checks"] = time.perf_counter() - t
         chosen, evidence = choose(estimate, cfg, overshoot, checks)
+    if "kernel" in made and (all_candidates or chosen == "kernel") and cfg.kernel_weight < 1.0:
+        evidence["blend"] = hedge_kernel(rgb, network, cfg.kernel_weight, made, seconds)
+        if chosen == "kernel":
+            evidence["reason"] += f"; blended with the {evidence['blend']['with']} result ({cfg.kernel_weight:g} kernel)"
     _make(chosen, rgb, network, made, seconds)
     if chosen not in made:   # a coarse scale on a photo too small for it
         chosen = "network"
         made.setdefault("network", network(rgb))
     seconds["total"] = time.perf_counter() - start
     return ThoroughResult(made[chosen], chosen, estimate, evidence, seconds), made
+
+
+def hedge_kernel(rgb: np.ndarray, network: Network, weight: float, made: dict, seconds: dict) -> dict:
+    """Replace ``made["kernel"]`` by ``weight`` x the deconvolution + (1 - ``weight``) x the network at 1/2
+    scale (at full scale on a photo too small for 1/2); the deconvolution alone stays as
+    ``made["deconvolved"]``. Returns the blend's description for the evidence."""
+    _make(HEDGE_REFERENCE, rgb, network, made, seconds)
+    reference = HEDGE_REFERENCE if HEDGE_REFERENCE in made else "network"
+    _make(reference, rgb, network, made, seconds)
+    deconvolved = made["kernel"]
+    blended = weight * deconvolved.astype(np.float32) + (1.0 - weight) * made[reference].astype(np.float32)
+    made["deconvolved"], made["kernel"] = deconvolved, np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    return {"kernel_weight": weight, "with": reference}
 
 
 def check_kernel_result(rgb: np.ndarray, made: dict, kernel: np.ndarray, network: Network, seconds: dict) -> dict:
