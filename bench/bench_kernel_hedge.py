@@ -33,7 +33,7 @@ from bench_quality_speed import HELD_OUT_DIR, bucket_photos, network_latent_fn, 
 from deblur.core.config import load_params  # noqa: E402
 from deblur.evaluation.metrics import psnr  # noqa: E402
 from deblur.psf.metrics import kernel_ncc  # noqa: E402
-from deblur.psf.restore import network_scale_for, restore_thorough  # noqa: E402
+from deblur.psf.restore import blend, network_scale_for, restore_thorough  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -61,12 +61,6 @@ def save_candidates(data: dict, network, cfg, cache: Path) -> dict:
         index_path.write_text(json.dumps(cases, indent=1))
         print(f"[{i + 1}/{len(data)}] {key}: {result.chosen} ({time.perf_counter() - start:.0f} s)", flush=True)
     return cases
-
-
-def blend(a: np.ndarray, b: np.ndarray, weight: float) -> np.ndarray:
-    """As ``deblur.psf.restore.hedge_kernel``: float32, rounded, clipped."""
-    mixed = weight * a.astype(np.float32) + (1.0 - weight) * b.astype(np.float32)
-    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
 
 
 def hedge_rule(weight: float, reference: str, cfg):

@@ -71,7 +71,8 @@ def _export_onnx_into(package_model: Path, model_dir: Path, meta: dict) -> dict:
     try:
         from deblur.core.config import ServingConfig, TilingConfig
         from deblur.artifact.export import add_onnx_model
-        from deblur.artifact.meta import merge_runtime_fields, read_runtime_fields, write_artifact_meta
+        from deblur.artifact.meta import merge_runtime_fields, read_runtime_fields, split_runtime_fields, \
+            write_artifact_meta
         from deblur.artifact.onnx_model import exportable
     except ImportError as err:
         raise PackageError(f"exporting model.onnx needs the project's environment ({err})") from err
@@ -86,7 +87,7 @@ def _export_onnx_into(package_model: Path, model_dir: Path, meta: dict) -> dict:
     finally:
         staging.unlink()
     write_artifact_meta(package_model, meta)   # runtime.json: the source's fields and the ONNX ones measured here
-    return json.loads((package_model / "model.json").read_text())
+    return split_runtime_fields(meta)[0]
 
 
 def folder_size_mb(path: Path) -> float:

@@ -74,14 +74,13 @@ def merge_runtime_fields(meta: dict, runtime: dict) -> dict:
 
 
 def write_artifact_meta(model_dir: str | Path, meta: dict) -> None:
-    """Write ``meta`` as ``model_dir/model.json`` less its ``RUNTIME_FIELDS``, which go to ``runtime.json``."""
+    """Write ``meta`` as ``model_dir/model.json`` less its ``RUNTIME_FIELDS``, which go to ``runtime.json``
+    (written only when ``meta`` has any)."""
     kept, runtime = split_runtime_fields(meta)
     model_dir = Path(model_dir)
     (model_dir / META_FILE).write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
     if runtime:
         (model_dir / RUNTIME_FILE).write_text(json.dumps(runtime, indent=2, sort_keys=True) + "\n")
-    else:
-        (model_dir / RUNTIME_FILE).unlink(missing_ok=True)
 
 
 def read_runtime_fields(model_dir: str | Path) -> dict:

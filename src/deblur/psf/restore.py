@@ -168,11 +168,16 @@ def hedge_kernel(rgb: np.ndarray, network: Network, weight: float, made: dict, s
     ``made["deconvolved"]``. Returns the blend's description for the evidence."""
     _make(HEDGE_REFERENCE, rgb, network, made, seconds)
     reference = HEDGE_REFERENCE if HEDGE_REFERENCE in made else "network"
-    _make(reference, rgb, network, made, seconds)
-    deconvolved = made["kernel"]
-    blended = weight * deconvolved.astype(np.float32) + (1.0 - weight) * made[reference].astype(np.float32)
-    made["deconvolved"], made["kernel"] = deconvolved, np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    _make(reference, rgb, network, made, seconds)   # no-op unless 1/2 scale was too small for the photo
+    made["deconvolved"] = made["kernel"]
+    made["kernel"] = blend(made["deconvolved"], made[reference], weight)
     return {"kernel_weight": weight, "with": reference}
+
+
+def blend(a: np.ndarray, b: np.ndarray, weight: float) -> np.ndarray:
+    """``weight`` x ``a`` + (1 - ``weight``) x ``b`` of two uint8 images (float32, rounded, clipped)."""
+    mixed = weight * a.astype(np.float32) + (1.0 - weight) * b.astype(np.float32)
+    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
 
 
 def check_kernel_result(rgb: np.ndarray, made: dict, kernel: np.ndarray, network: Network, seconds: dict) -> dict:
