@@ -83,7 +83,7 @@ from deblur.psf.estimate import KernelEstimate  # noqa: E402
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 # the deconvolution alone (kernel_weight 1): these tests count which network runs the check needs; the
 # hedge with the 1/2-scale network is tested in test_kernel_aware.py
-OFF = load_params(ROOT / "params.yaml").kernel_aware.model_copy(update={"kernel_weight": 1.0})
+OFF = load_params(ROOT / "params.yaml").kernel_aware.model_copy(update={"kernel_weight": 1.0, "input_shrink": 0.0})
 CALIBRATED_AGREEMENT = 0.3    # bench/results/kernel_selector_calibration.md; off by default
 CFG = OFF.model_copy(update={"min_network_agreement": CALIBRATED_AGREEMENT})
 

@@ -7,6 +7,7 @@ import base64
 import io
 from pathlib import Path
 
+import cv2
 import mlflow
 import numpy as np
 import pandas as pd
@@ -23,11 +24,12 @@ from deblur.evaluation.scoring import evaluate_model
 from deblur.core.imageio import write_png
 from deblur.evaluation.metrics import psnr
 from deblur.psf.estimate import KernelEstimate
-from deblur.psf.restore import centroid_offset, choose, network_at_scale, register_to_input, restore_thorough, \
-    restore_with_psf
+from deblur.psf.restore import blur_rms, centroid_offset, choose, network_at_scale, register_to_input, restore_thorough, \
+    restore_with_psf, shrink_weight
 
 PARAMS = load_params(ROOT / "params.yaml")
 CFG = PARAMS.kernel_aware
+UNSHRUNK = CFG.model_copy(update={"input_shrink": 0.0})
 
 
 def identity(rgb: np.ndarray) -> np.ndarray:
@@ -66,17 +68,29 @@ def test_thorough_mode_estimates_the_shake_and_deconvolves_it(astronaut):
 def test_the_kernel_result_is_the_deconvolution_hedged_with_the_half_scale_network(astronaut):
     blurred, _ = shaken(astronaut, seed=3)
     darker = lambda rgb: (rgb // 2).astype(np.uint8)   # a network whose share is easy to see  # noqa: E731
-    result, made = restore_thorough(blurred, darker, CFG)
+    result, made = restore_thorough(blurred, darker, UNSHRUNK)
     assert CFG.kernel_weight == 0.7 and result.chosen == "kernel"
     assert result.evidence["blend"] == {"kernel_weight": 0.7, "with": "network_half"}
     assert "blended with the network_half result (0.7 kernel)" in result.evidence["reason"]
     expected = 0.7 * made["deconvolved"].astype(np.float32) + 0.3 * network_at_scale(blurred, darker, 2).astype(np.float32)
     assert np.array_equal(result.image, np.clip(np.round(expected), 0, 255).astype(np.uint8))
 
-    alone, made = restore_thorough(blurred, darker, CFG.model_copy(update={"kernel_weight": 1.0}))
+    alone, made = restore_thorough(blurred, darker, UNSHRUNK.model_copy(update={"kernel_weight": 1.0}))
     assert "deconvolved" not in made and "blend" not in alone.evidence
     assert np.array_equal(alone.image, made["kernel"])
     assert alone.image.mean() - result.image.mean() > 10   # the half-dark network's 0.3 share is in the blend
+
+
+def test_input_shrink_is_validated_and_old_settings_mean_no_shrink():
+    from pydantic import ValidationError
+
+    from deblur.core.config import KernelAwareConfig
+
+    settings = CFG.model_dump()
+    with pytest.raises(ValidationError, match="input_shrink"):
+        KernelAwareConfig.model_validate({**settings, "input_shrink": -1.0})
+    del settings["input_shrink"]   # an artifact logged before the setting existed
+    assert KernelAwareConfig.model_validate(settings).input_shrink == 0.0
 
 
 def test_kernel_weight_is_validated_and_old_settings_mean_the_deconvolution_alone():
@@ -96,6 +110,59 @@ def test_a_sharp_photo_is_left_to_the_network(astronaut):
     result, _ = restore_thorough(astronaut, identity, CFG)
     assert result.chosen != "kernel", result.evidence
     assert psnr(result.image, astronaut) >= 40.0
+
+
+def test_blur_rms_measures_how_much_the_kernel_would_change_the_photo(astronaut):
+    delta = np.zeros((15, 15), np.float32)
+    delta[7, 7] = 1.0
+    line = np.zeros((15, 15), np.float32)
+    line[7, :] = 1.0 / 15
+    assert blur_rms(astronaut, delta) < 1e-6
+    sharp_line = blur_rms(astronaut, line)
+    blurred = np.clip(np.round(cv2.filter2D(astronaut.astype(np.float32), -1, line, borderType=cv2.BORDER_REFLECT)),
+                      0, 255).astype(np.uint8)
+    soft = cv2.GaussianBlur(astronaut, (0, 0), 2.0)
+    assert 15.0 < sharp_line < 25.0                             # 18.8 levels
+    assert 3.0 < blur_rms(blurred, line) < 8.0                  # 5.2: blurring again changes less
+    assert blur_rms(soft, line) < 0.6 * sharp_line              # 9.3: soft content has less to lose
+
+
+def test_shrink_weight_keeps_what_exceeds_the_constant():
+    assert shrink_weight(4.0, 0.0) == 1.0 and shrink_weight(0.0, 0.0) == 1.0
+    assert shrink_weight(4.0, 2.0) == pytest.approx(0.5)
+    assert shrink_weight(20.0, 2.0) == pytest.approx(0.9)
+    assert shrink_weight(1.5, 2.0) == 0.0 and shrink_weight(0.0, 2.0) == 0.0
+
+
+def test_the_result_is_shrunk_toward_the_input_by_the_blur_size(astronaut):
+    """The shipped result is input + w x (unshrunk result - input), w = shrink_weight(blur_rms(input, PSF))."""
+    blurred, _ = shaken(astronaut, seed=3)
+    darker = lambda rgb: (rgb // 2).astype(np.uint8)   # noqa: E731
+    unshrunk, _ = restore_thorough(blurred, darker, UNSHRUNK)
+    shrunk, _ = restore_thorough(blurred, darker, CFG)
+    assert CFG.input_shrink == 2.0 and "shrink" not in unshrunk.evidence
+    blur = blur_rms(blurred, shrunk.psf)
+    weight = 1.0 - CFG.input_shrink / blur
+    assert shrunk.evidence["shrink"] == {"blur_rms": round(blur, 3), "weight": round(weight, 4)}
+    assert 0.5 < weight < 1.0
+    expected = weight * unshrunk.image.astype(np.float32) + (1 - weight) * blurred.astype(np.float32)
+    assert np.array_equal(shrunk.image, np.clip(np.round(expected), 0, 255).astype(np.uint8))
+
+
+def test_a_soft_photo_with_little_blur_stays_near_its_input():
+    """Depth-of-field-soft content (gaussian 1.5 px, as bench_input_shrink.py's soft set) shaken by a 7-9 px kernel;
+    the 'network' adds streaks of +-3 levels. The estimate comes out oversized (10 px) and the unshrunk kernel result
+    loses 4.5 dB; the blur is small (4.3 levels), so about half the change is kept and the result is above the input."""
+    soft = cv2.GaussianBlur(np.ascontiguousarray(skimage.data.coffee()[100:356, 150:406]), (0, 0), 1.5)
+    blurred, _ = shaken(soft, seed=5, low=7, high=9)
+    stripes = (3 * np.sign(np.sin(np.arange(blurred.shape[1]) / 2.0)))[None, :, None]
+    streaky = lambda rgb: np.clip(rgb.astype(np.float32) + stripes[:, :rgb.shape[1]], 0, 255).astype(np.uint8)  # noqa: E731
+    unshrunk, _ = restore_thorough(blurred, streaky, UNSHRUNK)
+    shrunk, _ = restore_thorough(blurred, streaky, CFG)
+    before = psnr(blurred, soft)
+    assert psnr(unshrunk.image, soft) < before - 3.0
+    assert shrunk.evidence["shrink"]["weight"] < 0.6
+    assert psnr(shrunk.image, soft) > before
 
 
 def test_small_photos_get_the_network_only():

@@ -413,6 +413,9 @@ class KernelAwareConfig(_Strict):
     # share of the deconvolution in the kernel result, the rest the network at 1/2 scale (deblur.psf.restore);
     # 1.0: the deconvolution alone, as artifacts exported before this setting serve
     kernel_weight: float = Field(default=1.0, gt=0.0, le=1.0)
+    # 8-bit levels: the chosen result's change to the input is shrunk by this much of the blur's own size
+    # (deblur.psf.restore.shrink_weight); 0: off, as artifacts exported before this setting serve
+    input_shrink: float = Field(default=0.0, ge=0.0, le=64.0)
 
     @field_validator("max_kernel_size")
     @classmethod
