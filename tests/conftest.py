@@ -69,6 +69,25 @@ def write_params(path: Path, overrides: dict[str, object]) -> Path:
     return path
 
 
+def project_copy(root: Path, names: tuple[str, ...], overrides: dict[str, object], env: dict) -> Path:
+    """The repository's ``names`` (files or folders, no __pycache__) copied into ``root`` with ``overrides`` on its
+    params.yaml, made a fresh git + DVC repo with one commit (``env`` needs a git identity). Returns ``root``."""
+    for name in names:
+        src, dst = ROOT / name, root / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    write_params(root / "params.yaml", overrides)
+    dvc = str(Path(sys.executable).parent / "dvc")
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "config", "core.analytics", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return root
+
+
 def params_with(**extra) -> Params:
     """The tiny training run's params with dotted ``extra`` overrides."""
     return load_params(ROOT / "params.yaml", overrides={**TRAIN_OVERRIDES, **extra})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import PIPELINE_OVERRIDES, ROOT, TRAIN_OVERRIDES, copy_pairs, write_params
+from conftest import PIPELINE_OVERRIDES, ROOT, TRAIN_OVERRIDES, copy_pairs, project_copy, write_params
 import torch
 
 from deblur.tracking import runs as tracking
@@ -39,21 +38,12 @@ def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 @pytest.fixture
 def project(tmp_path, mlflow_uri):
     """A copy of the repo's pipeline in a fresh git + DVC repo, with tiny params."""
-    for name in ("dvc.yaml", "MLproject", "conda.yaml", "pipelines", "src", "checkpoints/pretrained", "data/photos",
-                 "data/GOPRO_Large", ".gitignore"):
-        src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name, **({"ignore": shutil.ignore_patterns(
-            "__pycache__")} if src.is_dir() else {}))
-    write_params(tmp_path / "params.yaml", PIPELINE_OVERRIDES)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("DEBLUR_PIPELINE_ID")
     env["PYTHONPATH"] = str(tmp_path / "src")     # the stages import this copy, the one DVC tracks
-    run(["git", "init", "-q"], tmp_path, env)
-    run([str(BIN / "dvc"), "init", "-q"], tmp_path, env)
-    run([str(BIN / "dvc"), "config", "core.analytics", "false"], tmp_path, env)
-    run(["git", "add", "-A"], tmp_path, env)
-    run(["git", "commit", "-qm", "init"], tmp_path, env)
+    project_copy(tmp_path, ("dvc.yaml", "MLproject", "conda.yaml", "pipelines", "src", "checkpoints/pretrained",
+                            "data/photos", "data/GOPRO_Large", ".gitignore"), PIPELINE_OVERRIDES, env)
     return tmp_path, env
 
 

@@ -25,7 +25,7 @@ import mlflow
 import pytest
 from PIL import Image
 
-from conftest import PIPELINE_OVERRIDES, ROOT, write_params
+from conftest import PIPELINE_OVERRIDES, ROOT, project_copy
 from serving_support import encode, free_port, smooth_rgb, wait_for
 from tracking_server_support import postgres_missing
 
@@ -56,14 +56,6 @@ def project(tmp_path):
     """A copy of the project (its own git + DVC repo, tiny params) and a user's environment: the venv on PATH,
     no MLFLOW_TRACKING_URI (a working copy that has only known its local store)."""
     root = tmp_path / "project"
-    for name in COPIED:
-        src, dst = ROOT / name, root / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, dst)
-    write_params(root / "params.yaml", OVERRIDES)
     # a user's shell: no settings of ours, and no MAKELEVEL/MAKEFLAGS from a `make test` around pytest
     # (a nested make prints "Entering directory" lines around its output)
     env = {k: v for k, v in os.environ.items()
@@ -72,11 +64,7 @@ def project(tmp_path):
                 "PYTHONPATH": str(root / "src"),   # the stages import this copy, the one DVC tracks
                 "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
                 "GIT_COMMITTER_EMAIL": "t@t"})
-    sh(["git", "init", "-q"], root, env)
-    sh([str(BIN / "dvc"), "init", "-q"], root, env)
-    sh([str(BIN / "dvc"), "config", "core.analytics", "false"], root, env)
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "init"], root, env)
+    project_copy(root, COPIED, OVERRIDES, env)
     return root, env
 
 
