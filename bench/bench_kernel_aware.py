@@ -199,11 +199,11 @@ def markdown(meta: dict, table: dict, speed: dict | None) -> str:
              f"checkpoint {meta['checkpoint']}). Gains in dB over the blurred input (mean); oracle = best "
              "candidate per photo (needs the sharp image); true PSF = non-blind ceiling; deconvolution = with the "
              "blindly estimated PSF alone; kernel result = that deconvolution blended with the network at 1/2 scale "
-             f"(kernel_weight {meta['settings'].get('kernel_weight', 1.0)}); chosen = the selector's candidate; "
+             f"(kernel_weight {meta['settings'].get('kernel_weight', 1.0)}); unshrunk choice = the selector's candidate; "
              f"thorough = that choice shrunk toward the input (input_shrink {meta['settings'].get('input_shrink', 0.0)}): "
              f"what is served. Kernels and noise: seed {meta['seed']}.", "",
              "| bucket | n | input dB | fast (network) | net 1/2 | net 1/4 | deconvolution (blind) | kernel result | "
-             "chosen | **thorough** | worst | < -0.5 dB | oracle | true PSF | NCC median | NCC >= 0.8 | error ratio median | chosen |",
+             "unshrunk choice | **thorough** | worst | < -0.5 dB | oracle | true PSF | NCC median | NCC >= 0.8 | error ratio median | chosen |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, t in table.items():
         chosen = ", ".join(f"{k} {v}" for k, v in t["chosen"].items() if v)
