@@ -211,7 +211,7 @@ def markdown(result: dict) -> str:
              "convolution on a 16-pixel grid as the model; each run in a fresh process. Before: one weight "
              "tile per tile position (the old implementation, kept in the bench). After: `BlendWeights`, "
              "each distinct weight tile built once, and the summed weight formed a strip of rows at a time "
-             "(no larger than a weight tile) for the final division (before: one full-size H x W temporary). "
+             "(no larger than one weight tile) for the final division (before: one full-size H x W temporary). "
              "Overhead: peak RSS minus RSS "
              "before inference minus the output buffer. MB = 2^20 bytes.", "",
              f"{m['cpus']} CPUs, {m['threads']} torch threads, torch {m['torch']}, load average at start "
