@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -272,6 +273,7 @@ def test_predict_mode_thorough_saves_each_estimated_kernel(tmp_path, artifacts, 
     lines = {line.split(":")[0]: line for line in run.stdout.splitlines() if line.startswith(str(inputs))}
     assert f"{inputs / 'shaken.png'}: kernel, PSF " in lines[str(inputs / "shaken.png")]
     assert "shaken.psf.png, shaken.psf.npy" in lines[str(inputs / "shaken.png")]
+    assert re.search(r"; kept \d+% of its change to the photo \(blur \d+\.\d levels\)\)$", lines[str(inputs / "shaken.png")])
     assert lines[str(inputs / "tiny.png")].startswith(f"{inputs / 'tiny.png'}: network")
     assert sorted(p.name for p in out.iterdir()) == ["shaken.png", "shaken.psf.npy", "shaken.psf.png", "tiny.png"]
 

@@ -179,6 +179,10 @@ def _thorough_line(job: Job, target: Path, outcome, save_psf: bool) -> str:
                 write_psf(stem.with_name(stem.name + suffix), outcome.psf)
             line += f" -> {stem.name}.psf.png, {stem.name}.psf.npy"
     reason = outcome.evidence.get("reason")
+    shrink = outcome.evidence.get("shrink")
+    if shrink is not None:   # kernel_aware.input_shrink
+        kept = f"kept {shrink['weight']:.0%} of its change to the photo (blur {shrink['blur_rms']:.1f} levels)"
+        reason = f"{reason}; {kept}" if reason else kept
     return f"{line} ({reason})" if reason else line
 
 
