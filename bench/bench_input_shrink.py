@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernel_aware import CALIBRATION_SEED, calibration_set, training_photos  # noqa: E402
-from bench_kernel_hedge import BUCKETS, save_candidates  # noqa: E402
+from bench_kernel_hedge import markdown, save_candidates, summarise  # noqa: E402
 from bench_quality_speed import HELD_OUT_DIR, bucket_photos, network_latent_fn, shake_bucket_set  # noqa: E402
 
 from deblur.core.config import load_params  # noqa: E402
@@ -68,12 +68,7 @@ def gains(cases: list[dict], levels: float) -> np.ndarray:
 
 
 def summary(g: np.ndarray, cases: list[dict]) -> dict:
-    worst = sorted(zip(g, (c["key"] for c in cases)))[:3]
-    return {"mean": round(float(g.mean()), 3),
-            "buckets": {b: round(float(np.mean([x for x, c in zip(g, cases) if c["bucket"] == b])), 3) for b in BUCKETS
-                        if any(c["bucket"] == b for c in cases)},
-            "below_0_5db": int((g < -0.5).sum()), "shortfall_db": round(float(np.maximum(0, -0.5 - g).sum()), 3),
-            "worst": [[k, round(float(x), 2)] for x, k in worst]}
+    return summarise([(c["key"], c["bucket"], float(x)) for x, c in zip(g, cases)])
 
 
 def main() -> int:
@@ -104,7 +99,13 @@ def main() -> int:
             save_candidates(data, network, cfg, cache / name)
         cases += unshrunk_cases(cache / name, cfg)
     levels = (0.0, cfg.input_shrink) if args.heldout else LEVELS
-    table = {f"{c:g}": summary(gains(cases, c), cases) for c in levels}
+    soft = np.array([c["key"].startswith("soft_") for c in cases])
+    table = {}
+    for level in levels:
+        g = gains(cases, level)
+        table[f"{level:g}"] = summary(g, cases)
+        if soft.any():
+            table[f"{level:g}"]["soft_mean"] = round(float(g[soft].mean()), 3)
     for c, row in table.items():
         print(f"input_shrink {c}: {row}", flush=True)
     lines = [f"Shrink toward the input on {'the held-out photos, seed ' + str(args.seed) + ' (not used to choose)' if args.heldout else 'the calibration sets (training photos; soft ones included)'}: "
@@ -114,22 +115,14 @@ def main() -> int:
         base = table["0"]["mean"]
         eligible = [c for c in table if table[c]["mean"] >= base]
         best = min(eligible, key=lambda c: (table[c]["below_0_5db"], -table[c]["mean"]))
-        soft = [i for i, c in enumerate(cases) if c["key"].startswith("soft_")]
         lines += [f"Chosen: input_shrink {best} (fewest photos below -0.5 dB with a mean not below the unshrunk {base:+.2f} dB). "
                   f"params.yaml has {cfg.input_shrink:g}.", ""]
-        for c in table:
-            table[c]["soft_mean"] = round(float(np.mean(gains([cases[i] for i in soft], float(c)))), 3) if soft else None
-    lines += ["| input_shrink | mean gain dB | " + " | ".join(BUCKETS) + " | photos < -0.5 dB | sum of dB below -0.5 | worst 3 |",
-              "|---|---|" + "---|" * len(BUCKETS) + "---|---|---|"]
-    for c, s in table.items():
-        worst = ", ".join(f"{k.replace('|', ' ')} {g:+.2f}" for k, g in s["worst"])
-        lines.append(f"| {c} | {s['mean']:+.2f} | " + " | ".join(f"{s['buckets'].get(b, float('nan')):+.2f}" for b in BUCKETS)
-                     + f" | {s['below_0_5db']} | {s['shortfall_db']:.2f} | {worst} |")
     stem = f"input_shrink_heldout_{args.seed}" if args.heldout else "input_shrink_calibration"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"cases": len(cases), "levels": table}, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = markdown("\n".join(lines).rstrip("\n"), table, "input_shrink")
+    (RESULTS / f"{stem}.md").write_text(text)
+    print(text)
     return 0
 
 

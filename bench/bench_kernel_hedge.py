@@ -79,6 +79,11 @@ def score(rule, cases: dict, cache: Path) -> dict:
         images = dict(np.load(cache / f"{case['i']:03d}.npz"))
         gain = psnr(rule(case, images), images["sharp"]) - case["psnr"]["input"]
         rows.append((key, key.split("|")[1], gain))
+    return summarise(rows)
+
+
+def summarise(rows: list[tuple[str, str, float]]) -> dict:
+    """(case key, bucket, gain over the input) rows: mean, per bucket, count and depth below -0.5 dB, worst 3."""
     gains = np.array([g for _, _, g in rows])
     worst = sorted(rows, key=lambda r: r[2])[:3]
     return {"mean": round(float(gains.mean()), 3),
@@ -88,8 +93,8 @@ def score(rule, cases: dict, cache: Path) -> dict:
             "worst": [[k, round(float(g), 2)] for k, _, g in worst]}
 
 
-def markdown(title: str, table: dict) -> str:
-    lines = [title, "", "| rule | mean gain dB | " + " | ".join(BUCKETS) + " | photos < -0.5 dB | sum of dB below -0.5 | worst 3 |",
+def markdown(title: str, table: dict, first_column: str = "rule") -> str:
+    lines = [title, "", f"| {first_column} | mean gain dB | " + " | ".join(BUCKETS) + " | photos < -0.5 dB | sum of dB below -0.5 | worst 3 |",
              "|---|---|" + "---|" * len(BUCKETS) + "---|---|---|"]
     for name, s in table.items():
         worst = ", ".join(f"{k.replace('|', ' ')} {g:+.2f}" for k, g in s["worst"])
